@@ -1,0 +1,72 @@
+"""Speed of vit.ViT against timm's VisionTransformer, same weights, same input, same process.
+
+Rows: forward (inference) and forward+backward with every weight frozen and the gradient flowing to the input
+(the PETuning case: prompts sit in the input, the backbone is frozen). Prints img/s for each and ours/timm
+(> 1 means ours is faster), the median over repeats, timm and ours interleaved so drift hits both alike.
+run: python tests/bench_vit.py [--repeats 7] [--threads 2]
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import vit  # noqa: E402
+
+CONFIGS = {  # name: (ours, timm kwargs, batch)
+    "vit_synthetic 32px": (vit.vit_synthetic, dict(img_size=32, patch_size=8, embed_dim=128, depth=6, num_heads=4), 128),
+    "ViT-S/16 224px": (vit.vit_small_patch16, dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6), 16),
+    "ViT-B/16 224px": (vit.vit_base_patch16, dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12), 8),
+}
+
+
+def step(model, x, backward):
+    if not backward:
+        with torch.inference_mode():
+            model(x)
+        return
+    x = x.detach().requires_grad_(True)
+    model(x).sum().backward()
+
+
+def seconds(model, x, backward):
+    t = time.perf_counter()
+    step(model, x, backward)
+    return time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--only", default="", help="run only configs whose name contains this")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, fp32 CPU, median of {args.repeats}")
+    print(f"| model | pass | batch | ours img/s | timm img/s | ours/timm |\n|---|---|---|---|---|---|")
+    for name, (preset, kw, batch) in CONFIGS.items():
+        if args.only not in name:
+            continue
+        ref = VisionTransformer(**kw, num_classes=1000).eval()
+        ours = vit.load_pretrained(preset(num_classes=1000), ref.state_dict(), verbose=False).eval()
+        for m in (ref, ours):
+            m.requires_grad_(False)
+        x = torch.randn(batch, 3, kw["img_size"], kw["img_size"])
+        for backward in (False, True):
+            for m in (ref, ours):  # warm-up
+                step(m, x, backward)
+            t_ref, t_ours = [], []
+            for _ in range(args.repeats):
+                t_ref.append(seconds(ref, x, backward))
+                t_ours.append(seconds(ours, x, backward))
+            r, o = statistics.median(t_ref), statistics.median(t_ours)
+            print(f"| {name} | {'fwd+bwd (frozen)' if backward else 'forward'} | {batch} | {batch / o:.1f} | "
+                  f"{batch / r:.1f} | {r / o:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

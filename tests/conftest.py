@@ -1,0 +1,8 @@
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the flat project files import as modules
+torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -1,0 +1,282 @@
+"""vit.py: parity with timm and torchvision, every checkpoint layout, resampling, refusals, the download path."""
+import hashlib
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torchvision
+from timm.models.vision_transformer import VisionTransformer, _load_weights, checkpoint_filter_fn
+from timm.layers import resample_abs_pos_embed
+
+import vit
+from fixtures import randomize, to_google_npz, to_torchvision
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(img_size=32, patch_size=8, dim=64, depth=2, heads=4)
+BASE = dict(img_size=224, patch_size=16, dim=768, depth=12, heads=12)
+
+
+def timm_vit(cfg, num_classes, std):
+    m = VisionTransformer(img_size=cfg["img_size"], patch_size=cfg["patch_size"], embed_dim=cfg["dim"],
+                          depth=cfg["depth"], num_heads=cfg["heads"], num_classes=num_classes)
+    return randomize(m, std=std).eval()
+
+
+def images(cfg, n=2, seed=1):
+    return torch.randn(n, 3, cfg["img_size"], cfg["img_size"], generator=torch.Generator().manual_seed(seed))
+
+
+def ours(cfg, num_classes):
+    return vit.ViT(**cfg, num_classes=num_classes).eval()
+
+
+@pytest.fixture(scope="module")
+def base_pair():
+    """timm's ViT-B/16 with random weights (built once: it is the slow part of this file)."""
+    torch.manual_seed(0)
+    return timm_vit(BASE, 1000, std=0.02)
+
+
+@pytest.mark.parametrize("size", ["small", "base"])
+def test_timm_state_dict_parity(size, base_pair):
+    cfg, ref = (SMALL, timm_vit(SMALL, 7, 0.1)) if size == "small" else (BASE, base_pair)
+    model = vit.load_pretrained(ours(cfg, ref.num_classes), ref.state_dict(), verbose=False)
+    x = images(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("size", ["small", "base"])
+def test_google_npz_parity_with_timm_loader(size, base_pair, tmp_path):
+    cfg, src = (SMALL, timm_vit(SMALL, 7, 0.1)) if size == "small" else (BASE, base_pair)
+    path = tmp_path / "ViT.npz"
+    to_google_npz(src.state_dict(), path, heads=cfg["heads"], pre_logits=True)
+    oracle = timm_vit(cfg, src.num_classes, std=0.5)  # different weights: the loader must overwrite all of them
+    _load_weights(oracle, str(path))
+    model = vit.load_pretrained(ours(cfg, src.num_classes), path, verbose=False)
+    x = images(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), oracle.eval()(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(x), src(x), atol=1e-5, rtol=0)
+
+
+def test_google_npz_with_opt_target_prefix(tmp_path):
+    src = timm_vit(SMALL, 7, 0.1)
+    path = tmp_path / "augreg.npz"
+    to_google_npz(src.state_dict(), path, heads=SMALL["heads"], prefix="opt/target/")
+    model = vit.load_pretrained(ours(SMALL, 7), path, verbose=False)
+    x = images(SMALL)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("size", ["small", "base"])
+def test_torchvision_parity(size):
+    cfg = SMALL if size == "small" else BASE
+    torch.manual_seed(0)
+    tv = torchvision.models.VisionTransformer(image_size=cfg["img_size"], patch_size=cfg["patch_size"],
+                                              num_layers=cfg["depth"], num_heads=cfg["heads"], hidden_dim=cfg["dim"],
+                                              mlp_dim=4 * cfg["dim"], num_classes=5)
+    randomize(tv, std=0.1 if size == "small" else 0.02).eval()
+    model = vit.load_pretrained(ours(cfg, 5), tv.state_dict(), verbose=False)
+    x = images(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), tv(x), atol=1e-5, rtol=0)
+
+
+def test_torchvision_and_timm_writers_agree():
+    """The test's own torchvision writer is a rename that vit.py reads back to the same tensors."""
+    sd = timm_vit(SMALL, 3, 0.1).state_dict()
+    back, kind = vit.to_timm_names(to_torchvision(sd))
+    assert kind == "torchvision" and back.keys() == sd.keys()
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_parameter_counts():
+    with torch.device("meta"):
+        body, full = vit.vit_base_patch16(num_classes=0), vit.vit_base_patch16(num_classes=1000)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(body) == 85_798_656
+    assert count(full) == 86_567_656
+
+
+def test_pos_embed_resampling_matches_timm(tmp_path):
+    src = timm_vit(SMALL, 7, 0.1)
+    big = {**SMALL, "img_size": 48}  # grid 4x4 -> 6x6, as 224 -> 384 is 14x14 -> 24x24
+    model = vit.load_pretrained(ours(big, 7), src.state_dict(), verbose=False)
+    expected = resample_abs_pos_embed(src.pos_embed.detach(), (6, 6), num_prefix_tokens=1)
+    torch.testing.assert_close(model.pos_embed.detach(), expected, atol=1e-6, rtol=0)
+    oracle = timm_vit(big, 7, 0.5)
+    oracle.load_state_dict(checkpoint_filter_fn(src.state_dict(), oracle))
+    x = images(big)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), oracle(x), atol=1e-5, rtol=0)
+
+
+def test_vit_b16_224_checkpoint_runs_at_384(base_pair):
+    model = vit.load_pretrained(vit.vit_base_patch16(img_size=384, num_classes=1000), base_pair.state_dict(), verbose=False)
+    assert model.pos_embed.shape == (1, 1 + 24 * 24, 768)
+    expected = resample_abs_pos_embed(base_pair.pos_embed.detach(), (24, 24), num_prefix_tokens=1)
+    torch.testing.assert_close(model.pos_embed.detach(), expected, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 384, 384)).shape == (1, 1000)
+
+
+def test_embed_resamples_for_another_input_size():
+    model = ours(SMALL, 3)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 48, 48)).shape == (2, 3)
+
+
+def test_head_kept_only_when_class_count_matches(tmp_path):
+    src = timm_vit(SMALL, 21, 0.1)
+    path = tmp_path / "in21k.npz"
+    to_google_npz(src.state_dict(), path, heads=SMALL["heads"], pre_logits=True)
+    model = ours(SMALL, 10)
+    head_before = model.head.weight.detach().clone()
+    vit.load_pretrained(model, path, verbose=False)
+    assert torch.equal(model.head.weight, head_before)  # dropped: 21 classes in the file, 10 in the model
+    torch.testing.assert_close(model.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
+    same = vit.load_pretrained(ours(SMALL, 21), path, verbose=False)
+    torch.testing.assert_close(same.head.weight, src.head.weight)
+    features = vit.load_pretrained(ours(SMALL, 0), path, verbose=False)  # identity head: features only
+    with torch.no_grad():
+        assert features(images(SMALL)).shape == (2, SMALL["dim"])
+
+
+def test_own_format_and_safetensors_round_trip(tmp_path):
+    from safetensors.torch import save_file
+    model = randomize(ours(SMALL, 4), std=0.1)
+    for path in (tmp_path / "own.pth", tmp_path / "own.safetensors"):
+        torch.save(model.state_dict(), path) if path.suffix == ".pth" else save_file(model.state_dict(), path)
+        loaded = vit.load_pretrained(ours(SMALL, 4), path, verbose=False)
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "wrapped.pth")  # a training checkpoint
+    vit.load_pretrained(ours(SMALL, 4), tmp_path / "wrapped.pth", verbose=False)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def refused(model, source, *needles):
+    with pytest.raises(vit.CheckpointError) as e:
+        vit.load_pretrained(model, source, verbose=False)
+    for needle in needles:
+        assert needle in str(e.value), str(e.value)
+    return str(e.value)
+
+
+def test_refuses_wrong_shapes():
+    sd = timm_vit({**SMALL, "dim": 32}, 7, 0.1).state_dict()
+    refused(ours(SMALL, 7), sd, "shape mismatch", "cls_token checkpoint (1, 1, 32) vs model (1, 1, 64)")
+
+
+def test_refuses_unknown_and_missing_keys():
+    sd = timm_vit(SMALL, 7, 0.1).state_dict()
+    refused(ours(SMALL, 7), {**sd, "blocks.0.attn.gate": torch.zeros(3)}, "not in the model", "blocks.0.attn.gate (3,)")
+    deeper = timm_vit({**SMALL, "depth": 3}, 7, 0.1).state_dict()
+    refused(ours(SMALL, 7), deeper, "blocks.2.norm1.weight", "depth 2")
+    refused(ours(SMALL, 7), {k: v for k, v in sd.items() if k != "norm.bias"}, "missing from the checkpoint: norm.bias")
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this would have run",))
+
+
+def test_refuses_pickled_objects(tmp_path):
+    sd = timm_vit(SMALL, 7, 0.1).state_dict()
+    torch.save({"model": sd, "config": Payload()}, tmp_path / "pickled.pth")
+    refused(ours(SMALL, 7), tmp_path / "pickled.pth", "pickled.pth", "Pickled objects")
+    np.savez(tmp_path / "objects.npz", cls=np.array([{"a": 1}], dtype=object))
+    refused(ours(SMALL, 7), tmp_path / "objects.npz", "objects.npz", "object arrays")
+
+
+def test_refuses_missing_corrupt_and_truncated_files(tmp_path):
+    refused(ours(SMALL, 7), tmp_path / "nope.pth", "no checkpoint file", "nope.pth")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
+    refused(ours(SMALL, 7), tmp_path / "garbage.pth", "garbage.pth", "not a readable checkpoint")
+    torch.save(timm_vit(SMALL, 7, 0.1).state_dict(), tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    refused(ours(SMALL, 7), tmp_path / "cut.pth", "cut.pth")
+    to_google_npz(timm_vit(SMALL, 7, 0.1).state_dict(), tmp_path / "full.npz", heads=4)
+    data = (tmp_path / "full.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    refused(ours(SMALL, 7), tmp_path / "cut.npz", "cut.npz")
+
+
+# ----------------------------------------------------------------------------- named weights
+
+
+def test_download_verifies_checksum_and_caches(tmp_path, monkeypatch):
+    src = timm_vit(SMALL, 7, 0.1)
+    fixture = tmp_path / "served" / "ViT-S_8.npz"
+    fixture.parent.mkdir()
+    to_google_npz(src.state_dict(), fixture, heads=4)
+    md5 = hashlib.md5(fixture.read_bytes()).hexdigest()
+    monkeypatch.setattr(vit, "CACHE", tmp_path / "cache")
+    monkeypatch.setitem(vit.PRETRAINED, "fixture", dict(url=fixture.as_uri(), md5_prefix=md5[:6], preset="x", norm="inception"))
+    monkeypatch.setitem(vit.PRETRAINED, "corrupt", dict(url=fixture.as_uri(), md5_prefix="000000", preset="x", norm="inception"))
+
+    refused(ours(SMALL, 7), "corrupt", "md5", "000000")
+    assert not any((tmp_path / "cache").iterdir())  # nothing half-written is left to be reused
+
+    model = vit.load_pretrained(ours(SMALL, 7), "fixture", verbose=False)
+    assert (tmp_path / "cache" / "ViT-S_8.npz").is_file()
+    fixture.unlink()  # the second load must come from the cache
+    again = vit.load_pretrained(ours(SMALL, 7), "fixture", verbose=False)
+    x = images(SMALL)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), src(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(x), src(x), atol=1e-5, rtol=0)
+
+
+def test_unreachable_download_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setattr(vit, "CACHE", tmp_path / "cache")
+    monkeypatch.setitem(vit.PRETRAINED, "gone", dict(url=(tmp_path / "absent.npz").as_uri(), md5_prefix=None, preset="x", norm="x"))
+    refused(ours(SMALL, 7), "gone", "could not download gone", "--weights PATH")
+
+
+def test_pretrained_table_names_the_literature_backbone():
+    spec = vit.PRETRAINED["vit_b16_in21k"]
+    assert spec["url"].endswith("imagenet21k/ViT-B_16.npz") and spec["md5_prefix"] == "d9715d"
+    assert spec["norm"] == "inception" and spec["num_classes"] == 21843
+
+
+# ----------------------------------------------------------------------------- seams and the demo
+
+
+def test_kv_prompt_is_prepended_to_keys_and_values():
+    attn = randomize(vit.Attention(64, 4), std=0.1)
+    x = torch.randn(2, 5, 64)
+    pk, pv = torch.randn(4, 3, 16), torch.randn(4, 3, 16)
+    q, k, v = attn.qkv(x).reshape(2, 5, 3, 4, 16).permute(2, 0, 3, 1, 4)  # the manual split, (three h d)
+    k, v = torch.cat([pk.expand(2, -1, -1, -1), k], 2), torch.cat([pv.expand(2, -1, -1, -1), v], 2)
+    a = torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1)  # (B, h, 5, 8)
+    expected = attn.proj((a @ v).transpose(1, 2).reshape(2, 5, 64))
+    torch.testing.assert_close(attn(x, kv_prompt=(pk, pv)), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(attn(x, kv_prompt=(pk[:, :0], pv[:, :0])), attn(x), atol=1e-6, rtol=0)
+
+
+def test_weights_hash_tracks_backbone_not_head():
+    a = randomize(ours(SMALL, 3), std=0.1)
+    b = randomize(ours(SMALL, 5), std=0.1)
+    with torch.no_grad():
+        b.head.weight.zero_()
+    same = {k: v for k, v in a.state_dict().items() if not k.startswith("head.")}
+    b.load_state_dict({**same, "head.weight": b.head.weight, "head.bias": b.head.bias})
+    assert vit.weights_hash(a) == vit.weights_hash(b)
+    with torch.no_grad():
+        b.blocks[0].norm1.bias.add_(1e-3)
+    assert vit.weights_hash(a) != vit.weights_hash(b)
+
+
+def test_main_prints_counts_and_shape():
+    out = subprocess.run([sys.executable, "vit.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "85,798,656" in out and "86,567,656" in out and "(4, 10)" in out
