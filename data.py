@@ -1,0 +1,543 @@
+"""
+The data of nanoPETL: an embedded synthetic world that runs offline, the real few-shot datasets in the layouts
+people already have, deterministic k-shot sampling, and the transforms as named protocol presets.
+
+    tasks = load_task("synthetic", shots=1, seed=0)                   # the five embedded tasks, a list of Task
+    [task] = load_task("vtab1k", "data/vtab-1k", vtab_task="cifar")   # train800val200 -> test (formats.md 2.1)
+    x = normalize(augment(task.train.images[i], task.train_aug), task.mean, task.std)   # per batch, any device
+run: python data.py --sheet assets/synthetic_world.png   (each set's sizes, and a contact sheet of the world)
+
+The world: 32x32 RGB, each image a pure function of (set, split, class, index, world seed) through a counter-based
+hash, never of the batch it is drawn in. A class fixes some attributes and draws the others per image; every image
+also varies in position, rotation, scale, colour jitter, cluttered background and pixel noise. Attributes: shape
+(circle triangle square hexagon star4 star5 ring frame), pattern (solid stripes checker dots rings waves), colours
+(a body/pattern pair of 12 hues: the sources use the 6 even hues, the tasks only the 6 odd ones), size (small
+medium large), freq (of the pattern: coarse medium fine), aspect (round long). SyntheticSet(s).describe(c) says more.
+  set       classes                                                                        stands in for
+  backbone  384 = shape 8 x pattern 6 x colours 4 x size {small, large}: each is needed    ImageNet-21k
+  pvp       192 = the backbone's classes in its first 2 colour pairs                        ImageNet-1k
+  shape     16 = shape 8 x aspect 2 (long is unseen); medium size (unseen), any pattern      FGVC-Aircraft
+  texture   10 = pattern 5 x freq {coarse, fine} (unseen); a large circle, square or hexagon Food-101
+  colour    12 = ordered pairs of novel hues; a dotted star5, small or large                 Flowers-102
+  species   12 = star4/star5 x stripes/checker/dots x small/large; one novel pair            Oxford Pets
+  model     12 = size 3 (medium unseen) x 4 novel pairs; a long striped square               Stanford Cars
+Each task has a train pool of 32, a val pool of 16 and a test set of 40 per class; the sources draw without end
+(.batch). No resize, crop or augmentation on the world; normalisation 0.5/0.5 ("inception").
+
+Real data (formats.md 2) is decoded once (PIL, threads), brought to img_size by a protocol preset (PROTOCOLS,
+formats.md 3) and kept as uint8: 150,528 bytes per 224 px image (196,608 per 256 px training square), so CoOp's
+Food-101 test set (30,300) takes 4.6 GB, Flowers-102's (6,149) 0.9 GB, and a 32 px image 3 KB. Past NANOPETL_MAX_GB
+(default 8) load_task stops and says how to go on (test_per_class=N, a smaller img_size, or a larger limit).
+"""
+import argparse
+import itertools
+import json
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# names, presets and the two containers
+
+SYNTHETIC_TASKS = ("shape", "texture", "colour", "species", "model")
+DATASETS = ("synthetic", "flowers102", "pets", "aircraft", "food101", "cars", "noah-fewshot", "vtab1k", "fgvc-json",
+            "imagefolder", "imagenet")
+VTAB_TASKS = {  # folder -> classes (formats.md 2.1)
+    "caltech101": 102, "cifar": 100, "dtd": 47, "oxford_flowers102": 102, "oxford_iiit_pet": 37, "svhn": 10,
+    "sun397": 397, "patch_camelyon": 2, "eurosat": 10, "resisc45": 45, "diabetic_retinopathy": 5, "clevr_count": 8,
+    "clevr_dist": 6, "dmlab": 6, "kitti": 4, "dsprites_loc": 16, "dsprites_ori": 16, "smallnorb_azi": 18,
+    "smallnorb_ele": 9}
+NORMS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "inception": ((0.5,) * 3, (0.5,) * 3)}
+PROTOCOLS = {  # name: (resize, side at img_size 224, PIL filter, train augmentation); then a centre crop of img_size
+    "fgvc": ("shorter", 256, Image.BILINEAR, "crop_flip"),  # VPT: Resize(256) -> RandomCrop(224) + flip / CenterCrop
+    "vtab": ("square", 224, Image.BICUBIC, "none"),  # NOAH and VPT on VTAB: Resize((224, 224)), no augmentation
+    "noah-fewshot": ("square", 256, Image.BICUBIC, "crop_flip")}  # NOAH: Resize((256, 256)) -> CenterCrop(224) for
+# eval; for training we crop + flip, not timm's RandAugment recipe that NOAH trains with.
+
+class DataError(Exception):
+    """A data problem the user can fix; its one message says what is wrong, where, and what to do."""
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, 3, H, W) uint8, decoded and transformed once
+    labels: torch.Tensor  # (N,) int64 in 0..C-1
+
+    def __len__(self):
+        return len(self.labels)
+
+    def subset(self, idx):
+        return Split(self.images[idx], self.labels[idx])
+
+@dataclass
+class Task:
+    name: str
+    num_classes: int
+    train: Split  # the support set: `shots` per class, or the whole training split
+    val: Split  # for model selection: never from test, never train's images (but see _vtab's "final" stage)
+    test: Split
+    img_size: int  # the side the backbone sees; under crop_flip train is kept larger and augment() crops it
+    mean: tuple
+    std: tuple
+    train_aug: str  # augment(batch, train_aug) per training batch: "none" or "crop_flip"
+    meta: dict = field(default_factory=dict)  # what to save with results: source, protocol, split sizes, classes
+
+# -----------------------------------------------------------------------------
+# k-shot sampling and the per-batch transforms
+
+def _per_class(labels, num_classes, seed, count, tail=False):
+    """count(n) images of each class of n, from the head (tail) of an order seeded by (class, seed) alone."""
+    out = []
+    for c in range(num_classes):
+        idx = (labels == c).nonzero()[:, 0]
+        order = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed * 100_003 + c))]
+        k = max(0, min(count(len(idx)), len(idx)))
+        out.append(order[len(idx) - k:] if tail else order[:k])
+    return torch.cat(out).sort().values
+
+def few_shot(labels, shots, seed, names=None):
+    """Sorted indices of exactly `shots` images of each class 0..C-1 (C = len(names), else the largest label + 1),
+    from per-class torch.Generators: a function of (labels, shots, seed) only, never of the global RNG, so every
+    method sees the same support set. The draws nest: the 1-shot set lies inside the 2-shot set of the same seed."""
+    labels = torch.as_tensor(labels)
+    counts = torch.bincount(labels, minlength=len(names or ()))
+    if (counts < shots).any():
+        c = int((counts < shots).nonzero()[0])
+        raise DataError(f"class {c}{f' ({names[c]})' if names else ''} has {counts[c]} training images, fewer than "
+                        f"shots={shots}: use fewer shots or give that class more images")
+    return _per_class(labels, len(counts), seed, lambda n: shots)
+
+def normalize(images, mean, std):
+    """uint8 (0..255) or float (0..1) images -> float (x - mean) / std per channel, on the images' device."""
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    mean, std = (torch.tensor(v, device=x.device).view(-1, 1, 1) for v in (mean, std))
+    return (x - mean) / std
+
+def augment(images, how="none", generator=None, size=None):
+    """The random part of a train transform, on a batch (B, C, H, W) on any device: "crop_flip" takes a random
+    size x size crop (default 224/256 of the side) and flips it with probability 1/2; "none" centre-crops to `size`
+    if given. Under crop_flip, load_task keeps the training images as the centre square of Resize(256) (for 224),
+    so this is VPT's RandomCrop(224) except that it never reaches past that square along an image's long side."""
+    if how not in ("none", "crop_flip"):
+        raise ValueError(f"augment: unknown how={how!r}; use 'none' or 'crop_flip'")
+    B, C, H, W = images.shape
+    size = size or (round(H * 224 / 256) if how == "crop_flip" else H)
+    if how == "none" and size == H == W:
+        return images
+    rand = lambda hi: torch.randint(0, hi, (B,), generator=generator, device=getattr(generator, "device", None)).cpu()
+    top, left = (rand(n - size + 1) if how == "crop_flip" else torch.full((B,), round((n - size) / 2)) for n in (H, W))
+    images = torch.stack([im[:, t:t + size, l:l + size] for im, t, l in zip(images, top.tolist(), left.tolist())])
+    flip = rand(2).bool().to(images.device)[:, None, None, None] if how == "crop_flip" else None
+    return images if flip is None else torch.where(flip, images.flip(-1), images)  # (B, C, size, size)
+
+# -----------------------------------------------------------------------------
+# the embedded world: attributes, sets, and a vectorised soft-shape renderer
+
+SHAPES = ("circle", "triangle", "square", "hexagon", "star4", "star5", "ring", "frame")
+GEOMETRY = torch.tensor([  # per shape: polygon sides (64 ~ round), star points, star depth, hollow
+    [64, 0, 0, 0], [3, 0, 0, 0], [4, 0, 0, 0], [6, 0, 0, 0], [64, 4, .45, 0], [64, 5, .45, 0], [64, 0, 0, 1],
+    [4, 0, 0, 1]])
+PATTERNS = ("solid", "stripes", "checker", "dots", "rings", "waves")
+WAVES = (  # per pattern: > 0 where the second colour shows; x, y, r in the object's frame (px), w = 2 pi / period
+    lambda x, y, r, w, p, q: torch.full_like(x, -1.0),
+    lambda x, y, r, w, p, q: (w * x + p).sin(),
+    lambda x, y, r, w, p, q: (w * x + p).sin() * (w * y + q).sin(),
+    lambda x, y, r, w, p, q: (w * x + p).cos() + (w * y + q).cos() - 1,
+    lambda x, y, r, w, p, q: (w * r + p).sin(),
+    lambda x, y, r, w, p, q: (w * x + 1.5 * (w * y + q).sin() + p).sin())
+FREQS, PERIODS = ("coarse", "medium", "fine"), torch.tensor([7.0, 4.6, 3.2])  # pattern period, px
+SIZES, RADII = ("small", "medium", "large"), torch.tensor([6.5, 8.5, 10.5])  # object radius, px
+ASPECTS, STRETCH = ("round", "long"), torch.tensor([1.0, 1.6])
+HUES = ("red", "orange", "yellow", "lime", "green", "spring", "cyan", "azure", "blue", "violet", "magenta", "rose")
+SOURCE_COLOURS = ((0, 4), (2, 6), (4, 8), (6, 10))  # even hues only: the tasks' odd hues are the shift
+WORLD = {  # set: (attributes crossed into classes, attributes drawn per image; unnamed: medium freq, round)
+    "backbone": (dict(shape=range(8), pattern=range(6), colours=SOURCE_COLOURS, size=(0, 2)), {}),
+    "pvp": (dict(shape=range(8), pattern=range(6), colours=SOURCE_COLOURS[:2], size=(0, 2)), {}),
+    "shape": (dict(shape=range(8), aspect=(0, 1)), dict(pattern=range(6), colours=((1, 5),), size=(1,))),
+    "texture": (dict(pattern=range(1, 6), freq=(0, 2)), dict(shape=(0, 2, 3), colours=((3, 7),), size=(2,))),
+    "colour": (dict(colours=[(h, (h + d) % 12) for d in (4, 6) for h in range(1, 12, 2)]),
+               dict(shape=(5,), pattern=(3,), size=(0, 2))),
+    "species": (dict(shape=(4, 5), pattern=(1, 2, 3), size=(0, 2)), dict(colours=((7, 11),))),
+    "model": (dict(size=(0, 1, 2), colours=((1, 7), (3, 9), (5, 11), (9, 5))), dict(shape=(2,), aspect=(1,), pattern=(1,))),
+}
+POOLS = dict(train=32, val=16, test=40)  # images per class in each split of a task
+_XY = torch.arange(32) + 0.5 - 16  # pixel centres, origin at the image centre
+
+def _hash(x):  # a 32-bit integer mix on int64 tensors; every product stays below 2**63
+    for _ in range(2):
+        x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+def _key(*parts):  # chain ints or int tensors, e.g. (world seed, set, split, class, index), into one hash each
+    h = torch.zeros((), dtype=torch.long)
+    for p in parts:
+        h = _hash((h + torch.as_tensor(p, dtype=torch.long) * 0x7FEB352D) & 0xFFFFFFFF)
+    return h
+
+def _hsv(h, s, v):  # hue (turns), saturation, value, each (...) -> RGB (..., 3)
+    k = (torch.tensor([5.0, 3.0, 1.0]) + 6 * h[..., None]) % 6
+    return v[..., None] * (1 - s[..., None] * torch.minimum(k, 4 - k).clamp(0, 1))
+
+def _draw(canvas, u, shape, pattern, period, radius, stretch, hue_a, hue_b):
+    """Paint one soft-edged object per image onto canvas (N, 3, 32, 32) in place. u: (N, 13) uniforms for position,
+    rotation, scale, pattern phase and colour jitter; the rest are (N,) tensors (hues in 0..12)."""
+    R = radius * (0.92 + 0.16 * u[:, 0])
+    cx, cy = ((2 * u[:, i] - 1) * (15 - R).clamp(min=1.5) for i in (1, 2))  # the object stays mostly inside
+    cos, sin = (f(2 * math.pi * u[:, 3])[:, None, None] for f in (torch.cos, torch.sin))
+    dx, dy = _XY - cx[:, None, None], _XY[:, None] - cy[:, None, None]  # (N, 1, 32), (N, 32, 1)
+    x, y = (cos * dx + sin * dy) / stretch[:, None, None], cos * dy - sin * dx  # (N, 32, 32) the object's frame
+    r, phi = torch.hypot(x, y), torch.atan2(y, x)
+    n, k, depth, hollow = (g[:, None, None] for g in GEOMETRY[shape].T)
+    edge = torch.cos(math.pi / n) / torch.cos(torch.remainder(phi, 2 * math.pi / n) - math.pi / n)  # n-gon, radius 1
+    edge = edge * (1 - depth * torch.sin(k * phi / 2).abs())  # k star points
+    d = r - R[:, None, None] * edge  # < 0 inside, roughly in px
+    t = 0.25 * R[:, None, None]
+    d = torch.where(hollow > 0, (d + t).abs() - t, d)  # ring, frame: a band 2t wide inside the edge
+    mask = torch.sigmoid(-2 * d)[:, None]  # (N, 1, 32, 32) anti-aliased coverage
+    w = (2 * math.pi / (period * (0.9 + 0.2 * u[:, 4])))[:, None, None]
+    p, q = (2 * math.pi * u[:, i, None, None] for i in (5, 6))
+    v = torch.empty_like(x)
+    for j in pattern.unique().tolist():  # each pattern on its own images only
+        i = (pattern == j).nonzero()[:, 0]
+        v[i] = WAVES[j](x[i], y[i], r[i], w[i], p[i], q[i])
+    share = torch.sigmoid(5 * v)[:, None]  # (N, 1, 32, 32) how much of the second colour
+    jitter = lambda h, j: _hsv(h / 12 + 0.04 * (u[:, j] - 0.5), 0.75 + 0.25 * u[:, j + 1], 0.75 + 0.25 * u[:, j + 2])
+    a, b = jitter(hue_a, 7)[:, :, None, None], jitter(hue_b, 10)[:, :, None, None]  # (N, 3, 1, 1) jittered colours
+    canvas += mask * (a + (b - a) * share - canvas)
+
+@lru_cache(maxsize=4)
+def _backgrounds(world_seed, n=1024):
+    """n tiles (n, 3, 32, 32) of dim blotches and 2 faint clutter objects; n grey noise tiles (n, 1, 32, 32)."""
+    g = torch.Generator().manual_seed(world_seed)
+    rand, pick = (lambda *s: torch.rand(*s, generator=g)), (lambda hi: torch.randint(0, hi, (n,), generator=g))
+    tint = _hsv(rand(n), 0.1 + 0.3 * rand(n), 0.1 + 0.35 * rand(n))[:, :, None, None]
+    tiles = tint * (0.7 + 0.6 * F.interpolate(rand(n, 3, 4, 4), size=32, mode="bilinear"))
+    clutter = tiles.clone()
+    for _ in range(2):
+        _draw(clutter, rand(n, 13), pick(8), pick(6), PERIODS[1].expand(n), 1.5 + 1.5 * rand(n), torch.ones(n),
+              12 * rand(n), 12 * rand(n))
+    return (tiles + clutter) / 2, 0.12 * (rand(n, 1, 32, 32) - 0.5)
+
+class SyntheticSet:
+    """One set of WORLD: its classes, and images as a pure function of (split, class, index, world seed).
+    synthetic_source("backbone") stands in for ImageNet-21k, ("pvp") for ImageNet-1k."""
+
+    def __init__(self, name, world_seed=0):
+        if name not in WORLD:
+            raise DataError(f"unknown synthetic set {name!r}: choose one of {', '.join(WORLD)}")
+        crossed, drawn = WORLD[name]
+        self.name, self.world_seed = name, world_seed
+        drawn = {a: tuple(v) for a, v in {"freq": (1,), "aspect": (0,), **drawn}.items()}
+        self.classes = [{**drawn, **{a: (v,) for a, v in zip(crossed, combo)}}
+                        for combo in itertools.product(*crossed.values())]
+        self.num_classes = len(self.classes)
+        self.table = {}  # attribute -> (values (C, most) padded with the first, counts (C,))
+        for a in self.classes[0]:
+            vals = [[v[0] * 12 + v[1] if a == "colours" else v for v in c[a]] for c in self.classes]  # pair -> one int
+            most = max(map(len, vals))
+            self.table[a] = torch.tensor([v + v[:1] * (most - len(v)) for v in vals]), torch.tensor([*map(len, vals)])
+
+    def render(self, labels, index, split="train"):
+        """uint8 images (N, 3, 32, 32) of classes `labels`, image numbers `index`, in chunks of 2,048."""
+        labels, index = torch.as_tensor(labels, dtype=torch.long), torch.as_tensor(index, dtype=torch.long)
+        key = _key(self.world_seed, list(WORLD).index(self.name), ("train", "val", "test").index(split), labels, index)
+        tiles, noise = _backgrounds(self.world_seed)
+        out = []
+        for c in range(0, len(labels), 2048):
+            y, u = labels[c:c + 2048], (_key(key[c:c + 2048, None], torch.arange(21)) >> 8) / 2**24  # (n, 21) in [0, 1)
+            at = {a: values[y, (u[:, 13 + i] * count[y]).long()]  # each attribute, drawn among its class's values
+                  for i, (a, (values, count)) in enumerate(self.table.items())}
+            canvas = tiles[(u[:, 19] * len(tiles)).long()]  # (n, 3, 32, 32), a copy
+            _draw(canvas, u, at["shape"], at["pattern"], PERIODS[at["freq"]], RADII[at["size"]], STRETCH[at["aspect"]],
+                  at["colours"] // 12, at["colours"] % 12)
+            out.append((canvas + noise[(u[:, 20] * len(noise)).long()]).mul_(255).add_(0.5).clamp_(0, 255).byte())
+        return torch.cat(out) if out else torch.empty(0, 3, 32, 32, dtype=torch.uint8)
+
+    def split(self, split="train", per_class=32):
+        """Every class x images 0..per_class-1 of one split, as a Split (class-major order)."""
+        labels = torch.arange(self.num_classes).repeat_interleave(per_class)
+        return Split(self.render(labels, torch.arange(per_class).repeat(self.num_classes), split), labels)
+
+    def batch(self, step, batch_size):
+        """Batch `step` of an endless stream: image i = step * batch_size + j has a hashed class and index i."""
+        index = torch.arange(step * batch_size, (step + 1) * batch_size)
+        labels = _key(self.world_seed, 7, index) % self.num_classes
+        return Split(self.render(labels, index), labels)
+
+    def describe(self, c):
+        """Class c in words; "|" separates the values drawn per image."""
+        words = dict(shape=SHAPES, pattern=PATTERNS, freq=FREQS, size=SIZES, aspect=ASPECTS)
+        word = lambda a, v: f"{HUES[v[0]]}/{HUES[v[1]]}" if a == "colours" else words[a][v]
+        return " ".join(f"{a}={'|'.join(word(a, v) for v in vs)}" for a, vs in sorted(self.classes[c].items()))
+
+synthetic_source = SyntheticSet  # the contract's name for the pre-training sets: synthetic_source("backbone")
+
+@lru_cache(maxsize=16)
+def _world_pools(name, world_seed):  # a task's three pools, rendered once per process
+    world = SyntheticSet(name, world_seed)
+    return world, {split: world.split(split, n) for split, n in POOLS.items()}
+
+# -----------------------------------------------------------------------------
+# real data: each layout read into {train, val (when it has one), test: [(path, label)], names}, decoded once
+
+LAYOUTS = {  # what load_task expects under root, for the message when something is missing
+    "flowers102": "flowers-102/{jpg/image_00001.jpg, imagelabels.mat, setid.mat}",
+    "pets": "oxford-iiit-pet/{images/<name>.jpg, annotations/trainval.txt, annotations/test.txt}",
+    "aircraft": "fgvc-aircraft-2013b/data/{images/<id>.jpg, images_variant_{train,val,test}.txt, variants.txt}",
+    "food101": "food-101/{images/<class>/<id>.jpg, meta/train.json, meta/test.json}",
+    "cars": "stanford_cars/{cars_train/, cars_test/, devkit/cars_train_annos.mat, devkit/cars_meta.mat, "
+            "cars_test_annos_withlabels.mat}",
+    "noah-fewshot": "annotations/{train_meta.list.num_shot_<K>.seed_<S>, val_meta.list, test_meta.list} and "
+                    "images/<relpath> (<root>/<relpath> when the root path contains 'stanford_cars')",
+    "vtab1k": "<task>/{train800,val200,train800val200,test}.txt and <task>/images/...",
+    "fgvc-json": "{train,val,test}.json (image path -> class id); images in <root>, <root>/images or <root>/Images",
+    "imagefolder": "train/<class>/<image>, test/<class>/<image>, optionally val/<class>/<image>",
+    "imagenet": "train/<class>/<image>, val/<class>/<image> (val is the test set)"}
+TORCHVISION = {"flowers102": "Flowers102", "pets": "OxfordIIITPet", "aircraft": "FGVCAircraft", "food101": "Food101"}
+IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+def _rows(file):  # (file:line, text) of each non-empty line
+    return [(f"{file}:{n}", line.strip()) for n, line in enumerate(file.read_text().splitlines(), 1) if line.strip()]
+
+def _list(file, base, num_classes=None):
+    """'<relpath> <label>' lines (split at the last space) -> [(base / relpath, label)], checked line by line."""
+    items = []
+    for where, line in _rows(file):
+        rel, _, label = line.rpartition(" ")
+        problem = ("expected '<relative path> <label>'" if not rel or not label.isdigit() else
+                   f"label {label} is out of range 0..{num_classes - 1}" if num_classes and int(label) >= num_classes
+                   else f"image {base / rel} does not exist" if not (base / rel).is_file() else None)
+        if problem:
+            raise DataError(f"{where}: {problem} in {line!r}: fix the line, or place the file it names")
+        items.append((base / rel, int(label)))
+    return items
+
+def _torchvision_layout(name, root):
+    """The five few-shot datasets, read from the files torchvision's classes read (formats.md 2.4)."""
+    from scipy.io import loadmat
+    mat = lambda path, key: np.atleast_1d(loadmat(str(path), squeeze_me=True)[key])  # str: a Path hides "not found"
+    if name == "flowers102":
+        base = root / "flowers-102"
+        labels, ids = mat(base / "imagelabels.mat", "labels") - 1, loadmat(str(base / "setid.mat"))  # -> 0..101
+        return {s: [(base / "jpg" / f"image_{i:05d}.jpg", int(labels[i - 1])) for i in ids[key].ravel()]
+                for s, key in (("train", "trnid"), ("val", "valid"), ("test", "tstid"))}
+    if name == "pets":  # "<image> <class 1..37> <species> <breed>"
+        base = root / "oxford-iiit-pet"
+        return {s: [(base / "images" / f"{r[0]}.jpg", int(r[1]) - 1) for r in
+                    (line.split() for _, line in _rows(base / "annotations" / f"{f}.txt") if not line.startswith("#"))]
+                for s, f in (("train", "trainval"), ("test", "test"))}
+    if name == "aircraft":  # "<image> <variant>", labels in the order of variants.txt
+        base = root / "fgvc-aircraft-2013b" / "data"
+        names = [line for _, line in _rows(base / "variants.txt")]
+        out, label = dict(names=names), {n: c for c, n in enumerate(names)}
+        for s in ("train", "val", "test"):
+            rows = [(where, *line.split(" ", 1)) for where, line in _rows(base / f"images_variant_{s}.txt")]
+            if bad := next((where for where, _, variant in rows if variant not in label), None):
+                raise DataError(f"{bad}: a variant that is not in {base / 'variants.txt'}: fix the line")
+            out[s] = [(base / "images" / f"{image}.jpg", label[variant]) for _, image, variant in rows]
+        return out
+    if name == "food101":  # meta/<split>.json: {class: ["class/id", ...]}, labels by sorted class name
+        base = root / "food-101"
+        meta = {s: json.loads((base / "meta" / f"{s}.json").read_text()) for s in ("train", "test")}
+        names = sorted(meta["train"])
+        return dict(names=names, **{s: [(base / "images" / f"{rel}.jpg", c) for c, n in enumerate(names)
+                                        for rel in m.get(n, [])] for s, m in meta.items()})
+    base = root / "stanford_cars"  # cars: .mat annotations with fname and class 1..196
+    read = lambda path, dir: [(base / dir / str(a["fname"]), int(a["class"]) - 1) for a in mat(path, "annotations")]
+    return dict(names=[str(n) for n in mat(base / "devkit" / "cars_meta.mat", "class_names")],
+                train=read(base / "devkit" / "cars_train_annos.mat", "cars_train"),
+                test=read(base / "cars_test_annos_withlabels.mat", "cars_test"))
+
+def _noah(root, shots, seed):
+    """NOAH/CoOp few-shot lists (formats.md 2.3). The Oxford-Pets 1-shot lists name each image twice: we keep one
+    copy, which changes only the epoch length, since every image of such a list is doubled alike."""
+    if shots is None:
+        raise DataError("noah-fewshot reads the list of (shots, seed): give shots (1, 2, 4, 8 or 16) and seed (0-2)")
+    ann, base = root / "annotations", root if "stanford_cars" in str(root) else root / "images"  # NOAH's rule
+    test = _list(ann / "test_meta.list", base)
+    C = 1 + max(label for _, label in test)
+    train = _list(ann / f"train_meta.list.num_shot_{shots}.seed_{seed}", base, C)
+    unique = list(dict.fromkeys(train))
+    return dict(train=unique, val=_list(ann / "val_meta.list", base, C), test=test,
+                meta=dict(duplicates_dropped=len(train) - len(unique)))
+
+def _vtab(root, task, shots, stage):
+    """VTAB-1k txt lists. Stage "final" (with all shots) trains on train800val200, so val200 lies inside train there:
+    choose hyper-parameters in stage "search" (train800, then val200), then report the final stage's test."""
+    if task not in VTAB_TASKS or stage not in ("final", "search"):
+        raise DataError(f"vtab1k needs vtab_task (--task) in {', '.join(VTAB_TASKS)} and vtab_stage 'final' or "
+                        f"'search'; got {task!r}, {stage!r}")
+    base, C = root / task, VTAB_TASKS[task]
+    train = "train800val200" if shots is None and stage == "final" else "train800"
+    return dict(train=_list(base / f"{train}.txt", base, C), val=_list(base / "val200.txt", base, C),
+                test=_list(base / "test.txt", base, C), meta=dict(vtab_task=task, vtab_stage=stage, train_list=train))
+
+def _fgvc_json(root):
+    """VPT's json splits; class ids become 0..C-1 by sorted value, from train.json for every split (KMnP/vpt maps
+    each split by its own ids, so a class missing from val would shift the others)."""
+    maps = {s: json.loads((root / f"{s}.json").read_text()) for s in ("train", "val", "test")}
+    ids = {v: c for c, v in enumerate(sorted(set(maps["train"].values())))}
+    for s, m in maps.items():
+        if bad := next((p for p, v in m.items() if v not in ids), None):
+            raise DataError(f"{root / s}.json: {bad!r} has class id {m[bad]}, which train.json never uses")
+    first = next(iter(maps["train"]), "")
+    images = next((d for d in (root, root / "images", root / "Images") if (d / first).is_file()), root)
+    return dict(names=[*map(str, ids)], **{s: [(images / p, ids[v]) for p, v in m.items()] for s, m in maps.items()})
+
+def _imagefolder(root):
+    """train/<class>/*, test/<class>/*, maybe val/<class>/*; with no test/ (ImageNet's layout) val/ is the test."""
+    names = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    out = dict(names=names)
+    for s in ("train", "val", "test"):
+        if (root / s).is_dir():
+            if extra := sorted({d.name for d in (root / s).iterdir() if d.is_dir()} - set(names)):
+                raise DataError(f"{root / s}: class folders {extra} are not in {root / 'train'}")
+            out[s] = [(f, c) for c, n in enumerate(names) if (root / s / n).is_dir()
+                      for f in sorted((root / s / n).iterdir()) if f.suffix.lower() in IMAGE_TYPES]
+    if "test" not in out and "val" not in out:
+        raise FileNotFoundError(2, "not found", str(root / "test"))
+    if "test" not in out:  # ImageNet's layout
+        out["test"] = out.pop("val")
+    return out
+
+def _read(name, root, shots, seed, task, stage, download):
+    try:
+        if download and name in TORCHVISION and not (root / LAYOUTS[name].split("/")[0]).exists():
+            import torchvision.datasets
+            try:
+                getattr(torchvision.datasets, TORCHVISION[name])(root, download=True)
+            except Exception as e:  # network, server or archive trouble
+                raise DataError(f"{name}: torchvision's download into {root} failed ({type(e).__name__}: {e}); "
+                                f"fetch it by hand and place {LAYOUTS[name]} under {root}") from None
+        return (_noah(root, shots, seed) if name == "noah-fewshot" else _vtab(root, task, shots, stage)
+                if name == "vtab1k" else _fgvc_json(root) if name == "fgvc-json" else _imagefolder(root)
+                if name in ("imagefolder", "imagenet") else _torchvision_layout(name, root))
+    except FileNotFoundError as e:
+        hint = " Or pass download=True." if name in TORCHVISION else " torchvision's StanfordCars download is gone " \
+            "(pytorch/vision#7545): get the files by hand, e.g. from a Kaggle mirror." if name == "cars" else ""
+        raise DataError(f"{name}: {e.filename} not found. Expected under {root}: {LAYOUTS[name]}.{hint}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{name}: a .json file under {root} is not valid JSON ({e}): re-create it") from None
+
+def _decode(items, resize, side, resample, crop, desc):
+    """[(path, label)] -> Split of uint8 (N, 3, crop, crop): PIL decode, resize (the shorter side, or the whole image,
+    to `side`), centre crop; in threads (PIL releases the GIL), with a progress bar past 500 images."""
+    images = torch.empty(len(items), 3, crop, crop, dtype=torch.uint8)
+
+    def one(i):
+        try:
+            with Image.open(items[i][0]) as im:
+                im, (w, h) = im.convert("RGB"), im.size
+                size = (side, side) if resize == "square" else (side, int(side * h / w)) if w <= h else \
+                    (int(side * w / h), side)  # torchvision's Resize((s, s)) or Resize(s)
+                left, top = round((size[0] - crop) / 2), round((size[1] - crop) / 2)
+                im = im.resize(size, resample).crop((left, top, left + crop, top + crop))
+                images[i] = torch.from_numpy(np.array(im)).permute(2, 0, 1)  # (3, crop, crop)
+        except (OSError, ValueError, SyntaxError) as e:  # missing, truncated, or not an image
+            raise DataError(f"cannot read image {items[i][0]}: {e}; replace it or drop it from the split") from None
+
+    with ThreadPoolExecutor(min(8, 2 * (os.cpu_count() or 1))) as pool:
+        list(tqdm(pool.map(one, range(len(items))), total=len(items), desc=desc, disable=len(items) < 500, leave=False))
+    return Split(images, torch.tensor([label for _, label in items], dtype=torch.long))
+
+# -----------------------------------------------------------------------------
+# load_task: one entry point for every dataset
+
+def load_task(name="synthetic", root=None, *, shots=None, seed=0, img_size=None, norm=None, protocol=None,
+              vtab_task=None, vtab_stage="final", world_seed=0, download=False, test_per_class=None):
+    """A list of Task: the five embedded ones for "synthetic" ("synthetic:<task>" for one), else one read from root.
+    shots: None or "all" for the whole training split; K for few_shot(labels, K, seed), or for noah-fewshot the list
+    of (K, seed). img_size: None = 32 for the world, 224 for real data. norm: "imagenet" or "inception" (None =
+    inception for the world, imagenet for real data as in VPT). protocol: None = vtab for vtab1k, noah-fewshot for
+    its lists, fgvc otherwise. With no official val split, val is the seeded tail of each class of train (~10%, 1
+    to 20 images; few_shot takes the head). vtab1k: vtab_task ("vtab1k:<task>" also works) and vtab_stage (_vtab)."""
+    name, _, sub = name.partition(":")
+    norm = norm or ("inception" if name == "synthetic" else "imagenet")
+    protocol = protocol or {"vtab1k": "vtab", "noah-fewshot": "noah-fewshot"}.get(name, "fgvc")
+    for what, value, valid in (("dataset", name, DATASETS), ("normalisation", norm, NORMS),
+                               ("protocol", protocol, PROTOCOLS), ("synthetic task", sub or "shape", SYNTHETIC_TASKS)):
+        if value not in valid and (what != "synthetic task" or name == "synthetic"):
+            raise DataError(f"unknown {what} {value!r}: choose one of {', '.join(valid)}")
+    if shots not in (None, "all") and not (str(shots).isdigit() and int(shots) > 0):
+        raise DataError(f"shots must be a positive integer or 'all', got {shots!r}")
+    shots = None if shots in (None, "all") else int(shots)
+    if name == "synthetic":
+        names = [sub] if sub else SYNTHETIC_TASKS
+        return [_synthetic_task(t, shots, seed, img_size or 32, norm, world_seed) for t in names]
+    if root is None:
+        raise DataError(f"{name} reads from disk: give its root (--data-root), laid out as {LAYOUTS[name]}")
+    root, size = Path(root), img_size or 224
+    found = _read(name, root, shots, seed, vtab_task or sub, vtab_stage, download)
+    train, val, test = found["train"], found.get("val"), found["test"]
+    names = found.get("names") or [str(c) for c in range(1 + max(label for _, label in train + test))]
+    labels = torch.tensor([label for _, label in train], dtype=torch.long)
+    keep = torch.arange(len(train)) if shots is None or name == "noah-fewshot" else few_shot(labels, shots, seed, names)
+    if val is None:  # held out: the tail of each class's seeded order, whose head few_shot takes
+        held = _per_class(labels, len(names), seed, lambda n: min(20, max(1, n // 10), n - (shots or 1)), tail=True)
+        val, keep = [train[i] for i in held], keep[~torch.isin(keep, held)]
+    train = [train[i] for i in keep]
+    if test_per_class:
+        t = torch.tensor([label for _, label in test], dtype=torch.long)
+        test = [test[i] for i in _per_class(t, len(names), seed, lambda n: test_per_class)]
+    resize, side, resample, train_aug = PROTOCOLS[protocol]
+    side = round(side * size / 224)
+    train_side, limit = side if train_aug == "crop_flip" else size, float(os.environ.get("NANOPETL_MAX_GB", 8))
+    if (need := 3 * (len(train) * train_side**2 + (len(val) + len(test)) * size**2)) > limit * 1e9:
+        raise DataError(f"{name}: these splits take {need / 1e9:.1f} GB as uint8 at {size} px (test: {len(test):,} "
+                        f"images), over NANOPETL_MAX_GB={limit:g}: pass test_per_class=N (a seeded subset of each "
+                        f"class), a smaller img_size, or raise NANOPETL_MAX_GB if the memory is there")
+    splits = [_decode(items, resize, side, resample, crop, f"{name} {s}")
+              for s, items, crop in (("train", train, train_side), ("val", val, size), ("test", test, size))]
+    meta = dict(dataset=name, root=str(root), protocol=protocol, norm=norm, shots=shots, seed=seed,
+                val="official" if "val" in found else "held out from train", test_per_class=test_per_class,
+                sizes=dict(zip(("train", "val", "test"), map(len, splits))), classes=names, **found.get("meta", {}))
+    return [Task(f"vtab1k:{vtab_task or sub}" if name == "vtab1k" else name, len(names), *splits, size,
+                 *NORMS[norm], train_aug, meta)]
+
+def _synthetic_task(name, shots, seed, img_size, norm, world_seed):
+    world, pools = _world_pools(name, world_seed)
+    train = pools["train"] if shots is None else pools["train"].subset(few_shot(pools["train"].labels, shots, seed))
+    splits = [train, pools["val"], pools["test"]]
+    if img_size != 32:  # e.g. for a 224 px backbone: bilinear, as a resize of the real data would be
+        splits = [Split(F.interpolate(s.images.float(), size=img_size, mode="bilinear", antialias=True)
+                        .round().clamp(0, 255).byte(), s.labels) for s in splits]
+    meta = dict(dataset="synthetic", task=name, world_seed=world_seed, shots=shots, seed=seed, norm=norm,
+                sizes=dict(zip(("train", "val", "test"), map(len, splits))),
+                classes=[world.describe(c) for c in range(world.num_classes)])
+    return Task(f"synthetic:{name}", world.num_classes, *splits, img_size, *NORMS[norm], "none", meta)
+
+# -----------------------------------------------------------------------------
+# python data.py: each set's sizes and a contact sheet
+
+def contact_sheet(path, classes=6, per_class=2, world_seed=0):
+    """A PNG, a row per set of WORLD: `per_class` images of `classes` of its classes (a seeded pick), twice the size."""
+    from torchvision.utils import make_grid, save_image
+    rows = []
+    for name in WORLD:
+        world = SyntheticSet(name, world_seed)
+        cs = torch.randperm(world.num_classes, generator=torch.Generator().manual_seed(0))[:classes].sort().values
+        rows.append(world.render(cs.repeat_interleave(per_class), torch.arange(per_class).repeat(classes)))
+    big = torch.cat(rows).repeat_interleave(2, -1).repeat_interleave(2, -2)  # (7 * classes * per_class, 3, 64, 64)
+    grid = make_grid(big, nrow=classes * per_class, pad_value=255)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid / 255, path)
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Print the embedded world's sets and write a contact sheet of it.")
+    ap.add_argument("--sheet", default="synthetic_world.png", help="where to write the contact sheet (PNG)")
+    path = ap.parse_args().sheet
+    print(f"{'set':9} {'classes':>7}  {'images per class':24}  class 0")
+    for name in WORLD:
+        world = SyntheticSet(name)
+        sizes = "{}/{}/{} train/val/test".format(*POOLS.values()) if name in SYNTHETIC_TASKS else "endless (.batch)"
+        print(f"{name:9} {world.num_classes:7}  {sizes:24}  {world.describe(0)}")
+    contact_sheet(path)
+    print(f"contact sheet: {path} ({os.path.getsize(path) / 1e3:.0f} kB)")
