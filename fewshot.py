@@ -1,0 +1,418 @@
+"""
+Few-shot evaluation of PETuning methods: methods x datasets x shots x seeds, one results line per run.
+
+    python fewshot.py --method pvp --shots 1                # the main job: offline, on the embedded world
+    python fewshot.py --method all --plot                   # every method, shots 1..16, seeds 0..2, and the figure
+    python fewshot.py --weights vit_b16_in21k --data noah-fewshot --data-root data/oxford-flowers102 --method vpt
+With no --weights the embedded backbone is used, and `pvp` with no --pvp-init the embedded PVP prompts; whichever
+is missing is built first by pvp_pretrain.py's code and cached under checkpoints/.
+
+Protocol (printed at start and saved in every line): NOAH's few-shot recipe (methods.md 6.3) -- AdamW, lr 5e-3
+with no batch scaling, wd 1e-4, batch 64, 100 epochs, 10 warmup then cosine -- without its RandAugment, mixup and
+cutmix; the crop + flip of the data's protocol instead. The embedded world caps training at --max-steps (see
+EMBEDDED) so a sweep fits a CPU. One recipe for every method, except `full` (lr x 0.1: full fine-tuning at a
+prompt's lr wrecks the backbone; VPT's paper also tunes it separately). Runs report the last step: test is never
+used to select anything; val is measured and saved for choosing hyper-parameters.
+Output in --out: results.jsonl (appended and flushed per run; a re-run skips what is done), summary.md, and with
+--plot accuracy_vs_shots.png. This file also holds the one training loop that pvp_pretrain.py imports.
+"""
+import argparse
+import copy
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import e2vpt
+import lora
+import vit as vitlib
+import vpt
+
+# -----------------------------------------------------------------------------
+# the protocol: every knob a flag, printed and saved
+
+
+@dataclass
+class Config:
+    method: str = field(default="pvp", metadata={"help": "a name, a comma list, or 'all' (see METHODS)"})
+    shots: str = field(default="1,2,4,8,16", metadata={"help": "comma list of K per class, or 'all' (whole train split)"})
+    seeds: str = field(default="0,1,2", metadata={"help": "comma list of seeds: support set and initialisation"})
+    data: str = field(default="synthetic", metadata={"help": f"one of {', '.join(data.DATASETS)}; synthetic:<task> for one"})
+    data_root: str = field(default=None, metadata={"help": "where the dataset lies on disk"})
+    vtab_task: str = field(default=None, metadata={"help": "the VTAB-1k task folder (with --data vtab1k)"})
+    weights: str = field(default=None, metadata={"help": "a vit.PRETRAINED name or a checkpoint path; none = embedded"})
+    arch: str = field(default="vit_base_patch16", metadata={"help": f"preset for --weights: {', '.join(vitlib.PRESETS)}"})
+    pvp_init: str = field(default=None, metadata={"help": "module checkpoint for `pvp` (none = the embedded one)"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw (NOAH) or sgd (VPT: momentum 0.9)"})
+    lr: float = field(default=5e-3, metadata={"help": "base learning rate"})
+    lr_scale: bool = field(default=False, metadata={"help": "multiply lr by batch/256 (VPT's rule)"})
+    wd: float = field(default=1e-4, metadata={"help": "weight decay (none on biases and norms)"})
+    epochs: int = field(default=100, metadata={"help": "passes over the support set"})
+    max_steps: int = field(default=None, metadata={"help": "cap on optimiser steps (embedded default: EMBEDDED)"})
+    warmup: float = field(default=0.1, metadata={"help": "fraction of steps of linear warmup before the cosine"})
+    batch: int = field(default=64, metadata={"help": "batch size (at most the support-set size)"})
+    norm: str = field(default=None, metadata={"help": "imagenet or inception (0.5/0.5); default per data"})
+    aug: str = field(default=None, metadata={"help": "none or crop_flip; default per data protocol"})
+    img_size: int = field(default=None, metadata={"help": "input side; default: the backbone's"})
+    head_init: str = field(default="zero", metadata={"help": "zero, or prototype: the support set's normalised class means"})
+    prompts: int = field(default=10, metadata={"help": "VPT prompt tokens per layer (NOAH: 100)"})
+    kv_prompts: int = field(default=5, metadata={"help": "E2VPT key-value prompt tokens per layer"})
+    prune_tokens: float = field(default=0.5, metadata={"help": "E2VPT: fraction of visual prompt tokens pruned"})
+    prune_segments: float = field(default=0.25, metadata={"help": "E2VPT: fraction of each token's segments pruned"})
+    rank: int = field(default=8, metadata={"help": "LoRA rank (alpha = rank)"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda -> mps -> cpu), or a torch device"})
+    amp: bool = field(default=False, metadata={"help": "bf16 autocast (CUDA only)"})
+    out: str = field(default="runs/fewshot", metadata={"help": "output folder"})
+    plot: bool = field(default=False, metadata={"help": "write accuracy_vs_shots.png"})
+
+
+EMBEDDED = dict(max_steps=100, norm="inception")  # the embedded world's departures from NOAH, chosen on its val pools
+PROTOCOL = ("optimizer", "lr", "lr_scale", "wd", "epochs", "max_steps", "warmup", "batch", "norm", "aug", "img_size",
+            "head_init", "prompts", "kv_prompts", "prune_tokens", "prune_segments", "rank", "weights", "pvp_init")
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            ap.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"] + f" (default: {f.default})")
+    cfg = Config(**vars(ap.parse_args(argv)))
+    if cfg.weights is None and cfg.data.startswith("synthetic"):
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in EMBEDDED.items() if getattr(cfg, k) is None})
+    return cfg
+
+
+class UsageError(Exception):
+    """A flag or file the user can fix; reported as one line, no traceback."""
+
+
+class Diverged(Exception):
+    """The loss became NaN or infinite."""
+
+# -----------------------------------------------------------------------------
+# the two baselines that are not a paper of their own, and the method table
+
+
+class LinearProbe(nn.Module):
+    """The frozen backbone (in eval mode) and a new linear head on its final-norm CLS token."""
+    name, trains_backbone = "linear", False
+
+    def __init__(self, vit, *, num_classes):
+        super().__init__()
+        self.vit, self.config = vit.requires_grad_(self.trains_backbone), {}
+        self.head = nn.Linear(vit.dim, num_classes)
+        nn.init.zeros_(self.head.weight), nn.init.zeros_(self.head.bias)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.vit.train(mode and self.trains_backbone)
+        return self
+
+    def features(self, images):
+        return self.vit.features(images)
+
+    def forward(self, images):
+        return self.head(self.features(images))
+
+    def module_state_dict(self, head=True):
+        mine = self.state_dict() if self.trains_backbone else self.head.state_dict(prefix="head.")
+        return {k: v.detach().cpu().clone() for k, v in mine.items() if head or not k.startswith("head.")}
+
+
+class FullFinetune(LinearProbe):
+    """Every backbone weight trains, with the new head."""
+    name, trains_backbone = "full", True
+
+
+METHODS = {  # name -> build(vit, num_classes, cfg). A new method: one file, and one line here.
+    "linear": lambda v, c, cfg: LinearProbe(v, num_classes=c),
+    "full": lambda v, c, cfg: FullFinetune(v, num_classes=c),
+    "vpt-shallow": lambda v, c, cfg: vpt.VPT(v, num_classes=c, num_prompts=cfg.prompts, deep=False),
+    "vpt": lambda v, c, cfg: vpt.VPT(v, num_classes=c, num_prompts=cfg.prompts, deep=True),
+    "e2vpt": lambda v, c, cfg: e2vpt.E2VPT(v, num_classes=c, num_prompts=cfg.prompts, num_kv_prompts=cfg.kv_prompts),
+    "lora": lambda v, c, cfg: lora.LoRA(v, num_classes=c, rank=cfg.rank, alpha=cfg.rank),
+    "pvp": lambda v, c, cfg: pvp_module(v, c, cfg),  # the pre-trained module's own type, from its checkpoint
+}
+LR_FACTOR = {"full": 0.1}
+
+
+def pvp_module(vit, num_classes, cfg):
+    import pvp_pretrain  # it imports this file for the training loop, so import it only when needed
+    return pvp_pretrain.load_module(cfg.pvp_init, vit, num_classes)  # the source head is not reused: a fresh one
+
+# -----------------------------------------------------------------------------
+# the one training loop (pvp_pretrain.py uses it too), evaluation, and the head initialisation
+
+
+def batches(split, task, device, batch, *, train, generator=None, rank=0, world=1):
+    """Normalised image batches on `device`: augmented when training (task.train_aug), centre-cropped otherwise;
+    under torchrun each of `world` ranks takes every world-th image of the same order."""
+    order = (torch.randperm(len(split), generator=generator) if train else torch.arange(len(split)))[rank::world]
+    for i in range(0, len(split), batch):
+        idx = order[i:i + batch]
+        x = split.images[idx].to(device, non_blocking=True)
+        x = data.augment(x, task.train_aug if train else "none", generator=generator, size=task.img_size)
+        yield data.normalize(x, task.mean, task.std), split.labels[idx].to(device, non_blocking=True)
+
+
+def autocast(device, amp):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+def train(model, split, task, cfg, device, *, seed, lr=None, desc="train", start_epoch=0, opt_state=None, on_epoch=None):
+    """AdamW or SGD with linear warmup then cosine, per step; `epochs` passes capped at `max_steps` steps. Each epoch
+    reseeds from (seed, epoch), so a run resumed at an epoch boundary (start_epoch, opt_state) replays exactly."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    net = DDP(model) if world > 1 else model  # averages the trainable tensors' gradients over ranks
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.ndim > 1], weight_decay=cfg.wd),
+              dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)]  # no decay on biases (VPT)
+    lr = (lr or cfg.lr) * (min(cfg.batch, len(split)) / 256 if cfg.lr_scale else 1)
+    opt = torch.optim.AdamW(groups, lr=lr) if cfg.optimizer == "adamw" else torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    if opt_state:
+        opt.load_state_dict(opt_state)
+    per_epoch = math.ceil(len(split) / world / min(cfg.batch, len(split)))
+    total = min(cfg.epochs * per_epoch, cfg.max_steps or float("inf"))
+    warm, epochs = int(cfg.warmup * total), math.ceil(total / per_epoch)
+    schedule = lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, total - warm)))
+    model.train()
+    bar = tqdm(total=total, initial=start_epoch * per_epoch, desc=desc, leave=False, dynamic_ncols=True)
+    for epoch in range(start_epoch, epochs):
+        torch.manual_seed(seed * 100_003 + epoch)  # dropout draws
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)  # order and augmentation
+        for x, y in batches(split, task, device, min(cfg.batch, len(split)), train=True, generator=g, rank=rank, world=world):
+            t = bar.n
+            if t >= total:
+                break
+            for group in opt.param_groups:
+                group["lr"] = lr * schedule(t)
+            with autocast(device, cfg.amp):
+                loss = F.cross_entropy(net(x), y)
+            if not torch.isfinite(loss):
+                bar.close()
+                raise Diverged(f"the loss became {loss.item()} at step {t} of {desc}; lower the learning rate (--lr)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(), bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if on_epoch:
+            on_epoch(epoch, opt)
+    bar.close()
+    return model
+
+
+@torch.inference_mode()
+def evaluate(model, split, task, device, amp=False, batch=256):
+    """Top-1 accuracy (%) of `model` on `split`, in eval mode."""
+    model.eval()
+    correct = 0
+    for x, y in batches(split, task, device, batch, train=False):
+        with autocast(device, amp):
+            correct += (model(x).argmax(-1) == y).sum().item()
+    return 100.0 * correct / len(split)
+
+
+@torch.inference_mode()
+def init_head(model, split, task, device, how):
+    """zero: the head starts at 0. prototype: row c is the support set's mean feature of class c, L2-normalised
+    (each feature normalised first), bias 0 -- a nearest-class-mean classifier by dot product."""
+    nn.init.zeros_(model.head.weight), nn.init.zeros_(model.head.bias)
+    if how == "prototype":
+        model.eval()
+        feats = torch.cat([F.normalize(model.features(x).float(), dim=-1) for x, _ in batches(split, task, device, 256, train=False)])
+        means = torch.zeros_like(model.head.weight).index_add_(0, split.labels.to(device), feats)
+        model.head.weight.copy_(F.normalize(means, dim=-1))
+
+
+def count(params):
+    return sum(p.numel() for p in params)
+
+# -----------------------------------------------------------------------------
+# one run, the sweep, the results
+
+
+def run_one(name, task, backbone, cfg, device, seed):
+    torch.manual_seed(seed)
+    model = METHODS[name](copy.deepcopy(backbone), task.num_classes, cfg).to(device)
+    lr = cfg.lr * LR_FACTOR.get(name, 1.0)
+    init_head(model, task.train, task, device, cfg.head_init)
+    trainable = count(p for p in model.parameters() if p.requires_grad)
+    train(model, task.train, task, cfg, device, seed=seed, lr=lr, desc=f"{name} {task.name}")
+    if name == "e2vpt":  # E2VPT Sec. 3.3: train, score, prune, rewind, train again
+        scores = model.importance(batches(task.train, task, device, min(cfg.batch, len(task.train)), train=False))
+        model.prune(cfg.prune_tokens, cfg.prune_segments, scores)
+        model.rewind()
+        init_head(model, task.train, task, device, cfg.head_init)
+        train(model, task.train, task, cfg, device, seed=seed, lr=lr, desc=f"{name} {task.name} rewound")
+    if hasattr(model, "merge"):  # LoRA: fold B·A into the frozen weights, zero-overhead inference
+        model.merge()
+    return dict(trainable=trainable, val_top1=evaluate(model, task.val, task, device, cfg.amp),
+                test_top1=evaluate(model, task.test, task, device, cfg.amp))
+
+
+def load_backbone(cfg):
+    """(ViT without head, its name): --weights, or the embedded backbone, built first when missing."""
+    if cfg.weights is None:
+        import pvp_pretrain
+        return pvp_pretrain.embedded_backbone(), "vit_synthetic"
+    spec = vitlib.PRETRAINED.get(cfg.weights, {})
+    arch = spec.get("preset", cfg.arch)
+    model = vitlib.PRESETS[arch](num_classes=0, **({"img_size": cfg.img_size} if cfg.img_size else {}))
+    return vitlib.load_pretrained(model, cfg.weights).eval(), f"{arch}:{Path(cfg.weights).name}"
+
+
+def append(path, record):
+    """One JSON line, appended under an exclusive lock and flushed to disk: sweeps sharing --out never interleave."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(json.dumps(record) + "\n")
+        f.flush(), os.fsync(f.fileno())
+
+
+def finished(path):
+    if not path.exists():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["key"]: r for r in records}
+
+
+def summarize(records, methods, backbone_params):
+    """Markdown: method x shots, test top-1 as mean +- std over seeds of the mean over tasks."""
+    rows = ["| method | shots | test top-1 (%) | seeds x tasks | trainable params | % of backbone | s / run |",
+            "|---|---|---|---|---|---|---|"]
+    for m in methods:
+        for shots in sorted({r["shots"] for r in records if r["method"] == m}, key=lambda s: (s == "all", s)):
+            rs = [r for r in records if r["method"] == m and r["shots"] == shots and r["status"] == "ok"]
+            if not rs:
+                continue
+            seeds = sorted({r["seed"] for r in rs})
+            per_seed = torch.tensor([sum(r["test_top1"] for r in rs if r["seed"] == s) / sum(r["seed"] == s for r in rs) for s in seeds])
+            spread = f" ± {per_seed.std().item():.2f}" if len(seeds) > 1 else ""
+            p = sum(r["trainable"] for r in rs) / len(rs)
+            rows.append(f"| {m} | {shots} | {per_seed.mean():.2f}{spread} | {len(seeds)} x {len(rs) // len(seeds)} | "
+                        f"{p:,.0f} | {100 * p / backbone_params:.3f} | {sum(r['seconds'] for r in rs) / len(rs):.1f} |")
+    return "\n".join(rows)
+
+
+def plot(records, methods, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        shots = sorted({r["shots"] for r in records if r["method"] == m and r["status"] == "ok" and r["shots"] != "all"})
+        stats = []
+        for k in shots:
+            seeds = sorted({r["seed"] for r in records if r["method"] == m and r["shots"] == k and r["status"] == "ok"})
+            acc = torch.tensor([[r["test_top1"] for r in records if r["method"] == m and r["shots"] == k and r["seed"] == s and r["status"] == "ok"] for s in seeds], dtype=torch.float).mean(1)
+            stats.append((acc.mean().item(), acc.std().item() if len(acc) > 1 else 0.0))
+        if shots:
+            mean, std = torch.tensor(stats).T
+            ax.plot(shots, mean, marker="o", label=m)
+            ax.fill_between(shots, mean - std, mean + std, alpha=0.15)
+    ax.set(xscale="log", xlabel="shots per class", ylabel="test top-1 (%)", title="few-shot accuracy (mean ± std over seeds)")
+    ax.set_xticks([1, 2, 4, 8, 16], ["1", "2", "4", "8", "16"])
+    ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    fig.tight_layout(), fig.savefig(path, dpi=120)
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+
+
+def main(argv=None):
+    cfg = parse(argv)
+    methods = list(METHODS) if cfg.method == "all" else cfg.method.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UsageError(f"unknown method {', '.join(unknown)}: choose from {', '.join(METHODS)}, or all")
+    if not cfg.lr > 0 or math.isinf(cfg.lr):
+        raise UsageError(f"--lr must be a positive number, got {cfg.lr}")
+    shots = [None] if cfg.shots == "all" else [int(s) for s in cfg.shots.split(",")]
+    seeds = [int(s) for s in cfg.seeds.split(",")]
+    device, out = pick_device(cfg.device), Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    backbone, backbone_name = load_backbone(cfg)
+    backbone_params = count(backbone.parameters())
+    if "pvp" in methods and cfg.pvp_init is None:
+        if cfg.weights is not None:
+            raise UsageError("--method pvp with --weights needs --pvp-init: a module checkpoint pre-trained on that "
+                             "backbone (python pvp_pretrain.py --weights ...)")
+        import pvp_pretrain
+        cfg = dataclasses.replace(cfg, pvp_init=str(pvp_pretrain.embedded_pvp(backbone)))
+    protocol = {k: getattr(cfg, k) for k in PROTOCOL}
+    tag = hashlib.sha1(json.dumps([{k: v for k, v in protocol.items() if k != "pvp_init"}, backbone_name],
+                                  sort_keys=True).encode()).hexdigest()[:10]
+    print(f"nanoPETL few-shot: {', '.join(methods)} on {cfg.data} x shots {cfg.shots} x seeds {cfg.seeds}, "
+          f"backbone {backbone_name} ({backbone_params:,} params) on {device}\nprotocol: {json.dumps(protocol)}")
+    results = out / "results.jsonl"
+    done = finished(results)
+    plan = [(k, s) for k in shots for s in seeds]
+    total = len(plan) * len(methods) * (5 if cfg.data == "synthetic" else 1)
+    bar = tqdm(total=total, desc="runs", dynamic_ncols=True)
+    try:
+        for k, s in plan:
+            tasks = data.load_task(cfg.data, cfg.data_root, shots=k, seed=s, img_size=cfg.img_size or backbone.img_size,
+                                   norm=cfg.norm, vtab_task=cfg.vtab_task)
+            for task in tasks:
+                task.train_aug = cfg.aug or task.train_aug
+                for m in methods:
+                    key = f"{m}|{task.name}|{k or 'all'}|{s}|{tag}"
+                    if key in done:
+                        bar.update()
+                        continue
+                    bar.set_description(f"{m} {task.name} {k or 'all'}-shot seed {s}")
+                    t0 = time.time()
+                    record = dict(key=key, method=m, dataset=task.name, shots=k or "all", seed=s, backbone=backbone_name,
+                                  protocol=protocol, norm=task.meta.get("norm", cfg.norm), train_aug=task.train_aug,
+                                  sizes=dict(train=len(task.train), val=len(task.val), test=len(task.test)),
+                                  num_classes=task.num_classes, backbone_params=backbone_params)
+                    try:
+                        record |= run_one(m, task, backbone, cfg, device, s) | dict(status="ok")
+                    except Diverged as e:
+                        tqdm.write(f"failed: {m} on {task.name}, {k}-shot, seed {s}: {e}")
+                        record |= dict(status="failed", error=str(e))
+                    record["seconds"] = round(time.time() - t0, 2)
+                    append(results, record)
+                    done[key] = record
+                    bar.update()
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\ninterrupted: every finished run is in {results}; run the same command again to go on")
+        return 130
+    bar.close()
+    records = [r for r in done.values() if r["key"].endswith(tag) and r["method"] in methods
+               and r["shots"] in [k or "all" for k in shots] and r["seed"] in seeds]
+    table = summarize(records, methods, backbone_params)
+    (out / "summary.md").write_text(f"{cfg.data}, backbone {backbone_name}\n\n{table}\n")
+    print(table + f"\nsaved: {results}, {out / 'summary.md'}")
+    if cfg.plot:
+        plot(records, methods, out / "accuracy_vs_shots.png")
+        print(f"saved: {out / 'accuracy_vs_shots.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (UsageError, data.DataError, vitlib.CheckpointError) as e:
+        sys.exit(f"error: {e}")

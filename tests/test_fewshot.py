@@ -1,0 +1,223 @@
+"""fewshot.py and pvp_pretrain.py end to end on a micro world: a random vit_synthetic backbone saved to disk,
+one embedded task, one shot, one seed, one epoch, so each run takes a second or two."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+import data
+import fewshot
+import pvp_pretrain
+import vit
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def save_backbone(path, seed):
+    torch.manual_seed(seed)
+    model = vit.vit_synthetic(num_classes=0)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A backbone file and a PVP module checkpoint pre-trained on it (2 images per source class, 1 epoch)."""
+    d = tmp_path_factory.mktemp("world")
+    bb = save_backbone(d / "backbone.safetensors", seed=0)
+    ckpt = d / "pvp.safetensors"
+    assert pvp_pretrain.main(["--weights", str(bb), "--arch", "vit_synthetic", "--per-class", "2", "--epochs", "1",
+                              "--out", str(ckpt)]) == 0
+    return dict(dir=d, backbone=bb, pvp=ckpt)
+
+
+def args(world, out, *extra):
+    return ["--weights", str(world["backbone"]), "--arch", "vit_synthetic", "--pvp-init", str(world["pvp"]),
+            "--data", "synthetic:shape", "--shots", "1", "--seeds", "0", "--epochs", "2", "--out", str(out), *extra]
+
+
+def lines(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def cli(script, *argv):
+    return subprocess.run([sys.executable, script, *argv], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_every_method_writes_a_results_line_summary_and_plot(world, tmp_path):
+    assert fewshot.main(args(world, tmp_path, "--method", "all", "--plot")) == 0
+    records = lines(tmp_path)
+    assert [r["method"] for r in records] == list(fewshot.METHODS)
+    for r in records:
+        assert r["status"] == "ok" and 0 <= r["test_top1"] <= 100 and 0 <= r["val_top1"] <= 100, r
+        assert r["shots"] == 1 and r["seed"] == 0 and r["dataset"] == "synthetic:shape" and r["num_classes"] == 16
+        assert r["sizes"]["train"] == 16 and r["sizes"]["test"] > 0 and r["protocol"]["lr"] == 5e-3
+        assert r["trainable"] > 0 and r["seconds"] > 0
+    trainable = {r["method"]: r["trainable"] for r in records}
+    assert trainable["linear"] == 128 * 16 + 16  # the head alone
+    assert trainable["full"] == records[0]["backbone_params"] + trainable["linear"]
+    assert trainable["pvp"] == trainable["vpt"]  # a VPT-deep module of the same size, re-headed
+    summary = (tmp_path / "summary.md").read_text()
+    assert all(f"| {m} | 1 |" in summary for m in fewshot.METHODS)
+    assert (tmp_path / "accuracy_vs_shots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_skips_finished_runs(world, tmp_path, monkeypatch):
+    assert fewshot.main(args(world, tmp_path, "--method", "linear,vpt")) == 0
+    monkeypatch.setattr(fewshot, "run_one", lambda *a, **k: pytest.fail("a finished run was run again"))
+    assert fewshot.main(args(world, tmp_path, "--method", "linear,vpt")) == 0
+    assert len(lines(tmp_path)) == 2
+    monkeypatch.undo()
+    assert fewshot.main(args(world, tmp_path, "--method", "linear", "--lr", "1e-3")) == 0  # a new protocol runs anew
+    assert len(lines(tmp_path)) == 3
+
+
+def test_ctrl_c_keeps_finished_runs(world, tmp_path, monkeypatch):
+    real, calls = fewshot.run_one, []
+
+    def interrupt_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(fewshot, "run_one", interrupt_second)
+    assert fewshot.main(args(world, tmp_path, "--method", "linear,vpt,lora")) == 130
+    assert [r["method"] for r in lines(tmp_path)] == ["linear"]
+
+
+def test_nan_loss_fails_that_run_and_the_sweep_goes_on(world, tmp_path, monkeypatch):
+    class Exploding(fewshot.LinearProbe):  # a probe whose logits turn NaN at the second step
+        steps = 0
+
+        def forward(self, images):
+            Exploding.steps += self.training
+            return super().forward(images) * (float("nan") if self.training and Exploding.steps > 1 else 1.0)
+
+    monkeypatch.setitem(fewshot.METHODS, "exploding", lambda v, c, cfg: Exploding(v, num_classes=c))
+    assert fewshot.main(args(world, tmp_path, "--method", "exploding,linear")) == 0
+    records = lines(tmp_path)
+    assert [(r["method"], r["status"]) for r in records] == [("exploding", "failed"), ("linear", "ok")]
+    assert "the loss became nan at step 1" in records[0]["error"] and "lower the learning rate" in records[0]["error"]
+
+
+def test_head_init_prototype_is_a_nearest_class_mean_classifier(world):
+    [task] = data.load_task("synthetic:shape", shots=1, seed=0)
+    model = fewshot.LinearProbe(vit.load_pretrained(vit.vit_synthetic(num_classes=0), world["backbone"], verbose=False),
+                                num_classes=task.num_classes)
+    fewshot.init_head(model, task.train, task, torch.device("cpu"), "prototype")
+    with torch.no_grad():
+        feats = torch.nn.functional.normalize(model.features(data.normalize(task.train.images, task.mean, task.std)), dim=-1)
+        torch.testing.assert_close(model.head.weight[task.train.labels], feats)  # 1 shot: the mean is the image
+        assert model.head.bias.abs().max() == 0 and torch.allclose(model.head.weight.norm(dim=-1), torch.ones(16))
+    assert fewshot.evaluate(model, task.train, task, torch.device("cpu")) == 100.0  # each image nearest its own class
+    fewshot.init_head(model, task.train, task, torch.device("cpu"), "zero")
+    assert model.head.weight.abs().max() == 0
+
+
+class BiasOnly(nn.Module):
+    """A course-assignment method defined outside the method files: BitFit-style, only the backbone's biases train."""
+    name = "bias"
+
+    def __init__(self, backbone, *, num_classes):
+        super().__init__()
+        self.vit, self.config = backbone.requires_grad_(False).eval(), {}
+        for n, p in self.vit.named_parameters():
+            p.requires_grad_(n.endswith(".bias"))
+        self.head = nn.Linear(backbone.dim, num_classes)
+
+    def features(self, images):
+        return self.vit.features(images)
+
+    def forward(self, images):
+        return self.head(self.features(images))
+
+
+def test_a_new_method_is_one_registry_line(world, tmp_path, monkeypatch):
+    monkeypatch.setitem(fewshot.METHODS, "bias", lambda v, c, cfg: BiasOnly(v, num_classes=c))
+    assert fewshot.main(args(world, tmp_path, "--method", "bias")) == 0
+    [r] = lines(tmp_path)
+    biases = sum(p.numel() for n, p in vit.vit_synthetic(num_classes=0).named_parameters() if n.endswith(".bias"))
+    assert r["status"] == "ok" and r["trainable"] == biases + 128 * 16 + 16
+
+
+def test_pvp_checkpoint_from_another_backbone_is_refused(world, tmp_path):
+    other = save_backbone(tmp_path / "other.safetensors", seed=1)
+    a = args(world, tmp_path / "out", "--method", "pvp")
+    a[a.index(str(world["backbone"]))] = str(other)
+    r = cli("fewshot.py", *a)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "pre-trained on backbone" in r.stderr and "pvp_pretrain.py --weights" in r.stderr
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--data", "nosuch"], "unknown dataset 'nosuch'"),
+    (["--data", "vtab1k"], "give its root (--data-root)"),
+    (["--data", "imagefolder", "--data-root", "/nonexistent/folder"], "/nonexistent/folder"),
+    (["--method", "prompt-magic"], "unknown method prompt-magic"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--weights", "/nonexistent/weights.npz"], "no checkpoint file at /nonexistent/weights.npz"),
+])
+def test_bad_arguments_give_one_clear_message(world, tmp_path, argv, needle):
+    a = args(world, tmp_path, "--method", "linear")
+    for flag, value in zip(argv[::2], argv[1::2]):
+        if flag in a:
+            a[a.index(flag) + 1] = value
+        else:
+            a += [flag, value]
+    r = cli("fewshot.py", *a)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert needle in r.stderr, r.stderr
+
+
+def test_module_checkpoint_is_safetensors_with_its_story(world):
+    meta = json.loads(__import__("safetensors").safe_open(world["pvp"], "pt").metadata()["nanopetl"])
+    assert meta["method"] == "vpt" and meta["config"]["deep"] is True and meta["source"] == "synthetic"
+    assert meta["backbone_hash"] == vit.weights_hash(vit.load_pretrained(vit.vit_synthetic(num_classes=0), world["backbone"], verbose=False))
+    assert 0 <= meta["source_top1"] <= 100 and meta["epochs"] == 1
+    assert set(load_file(world["pvp"])) == {"prompts"}  # the module only: no source head, no backbone
+
+
+def pretrain_argv(world, out, epochs=3):
+    return ["--weights", str(world["backbone"]), "--arch", "vit_synthetic", "--per-class", "8", "--batch", "128",
+            "--epochs", str(epochs), "--out", str(out)]
+
+
+def test_pretraining_killed_and_resumed_equals_uninterrupted(world, tmp_path):
+    whole, cut = tmp_path / "whole.safetensors", tmp_path / "cut.safetensors"
+    assert cli("pvp_pretrain.py", *pretrain_argv(world, whole)).returncode == 0
+    proc = subprocess.Popen([sys.executable, "pvp_pretrain.py", *pretrain_argv(world, cut)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resume = Path(str(cut) + ".resume")
+    deadline = time.time() + 120
+    while not resume.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert resume.exists() and not cut.exists(), "the run finished before it could be killed"
+    r = cli("pvp_pretrain.py", *pretrain_argv(world, cut), "--resume")
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
+    a, b = load_file(whole), load_file(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not resume.exists()
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+def test_torchrun_two_processes_write_one_checkpoint(world, tmp_path):
+    out = tmp_path / "ddp.safetensors"
+    r = subprocess.run(["torchrun", "--nproc_per_node=2", "--master_port=29517", "pvp_pretrain.py",
+                        *pretrain_argv(world, out, epochs=1)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert out.exists() and set(load_file(out)) == {"prompts"}
+    assert r.stdout.count("wrote ") == 1  # only rank 0 writes
+    assert list(tmp_path.iterdir()) == [out]
