@@ -373,7 +373,7 @@ def _vtab(root, task, shots, stage):
     """VTAB-1k txt lists. Stage "final" (with all shots) trains on train800val200, so val200 lies inside train there:
     choose hyper-parameters in stage "search" (train800, then val200), then report the final stage's test."""
     if task not in VTAB_TASKS or stage not in ("final", "search"):
-        raise DataError(f"vtab1k needs vtab_task (--task) in {', '.join(VTAB_TASKS)} and vtab_stage 'final' or "
+        raise DataError(f"vtab1k needs vtab_task (fewshot.py --vtab-task) in {', '.join(VTAB_TASKS)} and vtab_stage 'final' or "
                         f"'search'; got {task!r}, {stage!r}")
     base, C = root / task, VTAB_TASKS[task]
     train = "train800val200" if shots is None and stage == "final" else "train800"

@@ -53,6 +53,7 @@ class Config:
     seeds: str = field(default="0,1,2", metadata={"help": "comma list of seeds: support set and initialisation"})
     data: str = field(default="synthetic", metadata={"help": f"one of {', '.join(data.DATASETS)}; synthetic:<task> for one"})
     data_root: str = field(default=None, metadata={"help": "where the dataset lies on disk"})
+    download: bool = field(default=False, metadata={"help": "let torchvision download flowers102/pets/aircraft/food101"})
     vtab_task: str = field(default=None, metadata={"help": "the VTAB-1k task folder (with --data vtab1k)"})
     weights: str = field(default=None, metadata={"help": "a vit.PRETRAINED name or a checkpoint path; none = embedded"})
     arch: str = field(default="vit_base_patch16", metadata={"help": f"preset for --weights: {', '.join(vitlib.PRESETS)}"})
@@ -253,29 +254,29 @@ def run_one(name, task, backbone, cfg, device, seed):
     model = METHODS[name](copy.deepcopy(backbone), task.num_classes, cfg).to(device)
     lr = cfg.lr * LR_FACTOR.get(name, 1.0)
     init_head(model, task.train, task, device, cfg.head_init)
-    trainable = count(p for p in model.parameters() if p.requires_grad)
+    out = dict(trainable=count(p for p in model.parameters() if p.requires_grad))
     train(model, task.train, task, cfg, device, seed=seed, lr=lr, desc=f"{name} {task.name}")
     if name == "e2vpt":  # E2VPT Sec. 3.3: train, score, prune, rewind, train again
         scores = model.importance(batches(task.train, task, device, min(cfg.batch, len(task.train)), train=False))
-        model.prune(cfg.prune_tokens, cfg.prune_segments, scores)
+        out["pruned"] = model.prune(cfg.prune_tokens, cfg.prune_segments, scores)  # what is kept
         model.rewind()
         init_head(model, task.train, task, device, cfg.head_init)
         train(model, task.train, task, cfg, device, seed=seed, lr=lr, desc=f"{name} {task.name} rewound")
     if hasattr(model, "merge"):  # LoRA: fold B·A into the frozen weights, zero-overhead inference
         model.merge()
-    return dict(trainable=trainable, val_top1=evaluate(model, task.val, task, device, cfg.amp),
-                test_top1=evaluate(model, task.test, task, device, cfg.amp))
+    return out | dict(val_top1=evaluate(model, task.val, task, device, cfg.amp),
+                      test_top1=evaluate(model, task.test, task, device, cfg.amp))
 
 
-def load_backbone(cfg):
-    """(ViT without head, its name): --weights, or the embedded backbone, built first when missing."""
-    if cfg.weights is None:
+def load_backbone(weights, arch="vit_base_patch16", img_size=None):
+    """(ViT without head, its name): `weights` (a PRETRAINED name or a path), or with None the embedded backbone,
+    built first when missing."""
+    if weights is None:
         import pvp_pretrain
         return pvp_pretrain.embedded_backbone(), "vit_synthetic"
-    spec = vitlib.PRETRAINED.get(cfg.weights, {})
-    arch = spec.get("preset", cfg.arch)
-    model = vitlib.PRESETS[arch](num_classes=0, **({"img_size": cfg.img_size} if cfg.img_size else {}))
-    return vitlib.load_pretrained(model, cfg.weights).eval(), f"{arch}:{Path(cfg.weights).name}"
+    arch = vitlib.PRETRAINED.get(weights, {}).get("preset", arch)
+    model = vitlib.PRESETS[arch](num_classes=0, **({"img_size": img_size} if img_size else {}))
+    return vitlib.load_pretrained(model, weights).eval(), f"{arch}:{Path(weights).name}"
 
 
 def append(path, record):
@@ -293,21 +294,27 @@ def finished(path):
     return {r["key"]: r for r in records}
 
 
+def cells(records, methods):
+    """{(method, shots): (per-seed test top-1 averaged over tasks, the runs)} over the finished runs."""
+    out = {}
+    for m in methods:
+        for k in sorted({r["shots"] for r in records if r["method"] == m}, key=lambda s: (s == "all", s)):
+            rs = [r for r in records if r["method"] == m and r["shots"] == k and r["status"] == "ok"]
+            per_seed = [[r["test_top1"] for r in rs if r["seed"] == s] for s in sorted({r["seed"] for r in rs})]
+            if rs:
+                out[m, k] = torch.tensor([sum(a) / len(a) for a in per_seed]), rs
+    return out
+
+
 def summarize(records, methods, backbone_params):
-    """Markdown: method x shots, test top-1 as mean +- std over seeds of the mean over tasks."""
+    """Markdown: method x shots, test top-1 as mean ± std over seeds of the mean over tasks."""
     rows = ["| method | shots | test top-1 (%) | seeds x tasks | trainable params | % of backbone | s / run |",
             "|---|---|---|---|---|---|---|"]
-    for m in methods:
-        for shots in sorted({r["shots"] for r in records if r["method"] == m}, key=lambda s: (s == "all", s)):
-            rs = [r for r in records if r["method"] == m and r["shots"] == shots and r["status"] == "ok"]
-            if not rs:
-                continue
-            seeds = sorted({r["seed"] for r in rs})
-            per_seed = torch.tensor([sum(r["test_top1"] for r in rs if r["seed"] == s) / sum(r["seed"] == s for r in rs) for s in seeds])
-            spread = f" ± {per_seed.std().item():.2f}" if len(seeds) > 1 else ""
-            p = sum(r["trainable"] for r in rs) / len(rs)
-            rows.append(f"| {m} | {shots} | {per_seed.mean():.2f}{spread} | {len(seeds)} x {len(rs) // len(seeds)} | "
-                        f"{p:,.0f} | {100 * p / backbone_params:.3f} | {sum(r['seconds'] for r in rs) / len(rs):.1f} |")
+    for (m, k), (acc, rs) in cells(records, methods).items():
+        spread = f" ± {acc.std().item():.2f}" if len(acc) > 1 else ""
+        p = sum(r["trainable"] for r in rs) / len(rs)
+        rows.append(f"| {m} | {k} | {acc.mean():.2f}{spread} | {len(acc)} x {len(rs) // len(acc)} | {p:,.0f} | "
+                    f"{100 * p / backbone_params:.3f} | {sum(r['seconds'] for r in rs) / len(rs):.1f} |")
     return "\n".join(rows)
 
 
@@ -316,15 +323,12 @@ def plot(records, methods, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
+    table = cells(records, methods)
     for m in methods:
-        shots = sorted({r["shots"] for r in records if r["method"] == m and r["status"] == "ok" and r["shots"] != "all"})
-        stats = []
-        for k in shots:
-            seeds = sorted({r["seed"] for r in records if r["method"] == m and r["shots"] == k and r["status"] == "ok"})
-            acc = torch.tensor([[r["test_top1"] for r in records if r["method"] == m and r["shots"] == k and r["seed"] == s and r["status"] == "ok"] for s in seeds], dtype=torch.float).mean(1)
-            stats.append((acc.mean().item(), acc.std().item() if len(acc) > 1 else 0.0))
-        if shots:
-            mean, std = torch.tensor(stats).T
+        points = [(k, acc.mean().item(), acc.std().item() if len(acc) > 1 else 0.0)
+                  for (mm, k), (acc, _) in table.items() if mm == m and k != "all"]
+        if points:
+            shots, mean, std = map(torch.tensor, zip(*points))
             ax.plot(shots, mean, marker="o", label=m)
             ax.fill_between(shots, mean - std, mean + std, alpha=0.15)
     ax.set(xscale="log", xlabel="shots per class", ylabel="test top-1 (%)", title="few-shot accuracy (mean ± std over seeds)")
@@ -351,7 +355,7 @@ def main(argv=None):
     seeds = [int(s) for s in cfg.seeds.split(",")]
     device, out = pick_device(cfg.device), Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    backbone, backbone_name = load_backbone(cfg)
+    backbone, backbone_name = load_backbone(cfg.weights, cfg.arch, cfg.img_size)
     backbone_params = count(backbone.parameters())
     if "pvp" in methods and cfg.pvp_init is None:
         if cfg.weights is not None:
@@ -372,7 +376,7 @@ def main(argv=None):
     try:
         for k, s in plan:
             tasks = data.load_task(cfg.data, cfg.data_root, shots=k, seed=s, img_size=cfg.img_size or backbone.img_size,
-                                   norm=cfg.norm, vtab_task=cfg.vtab_task)
+                                   norm=cfg.norm, vtab_task=cfg.vtab_task, download=cfg.download)
             for task in tasks:
                 task.train_aug = cfg.aug or task.train_aug
                 for m in methods:

@@ -21,7 +21,7 @@ The embedded backbone (the stand-in for the ImageNet-21k ViT-B/16) is trained he
 fewshot.py runs the first two by itself when their files are missing.
 """
 import argparse
-import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -57,6 +57,15 @@ def atomic(write, path):
     os.replace(tmp, path)
 
 
+def weights_hash(model):
+    """A short fingerprint of a backbone's weights, head excluded: a module checkpoint records it."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        if not k.startswith("head."):
+            h.update(k.encode()), h.update(v.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def save_module(model, path, meta):
     tensors = {k: v.contiguous() for k, v in model.module_state_dict(head=False).items()}
     atomic(lambda p: save_file(tensors, p, metadata={"nanopetl": json.dumps(meta)}), path)
@@ -75,10 +84,10 @@ def read_module(path, backbone):
     if not meta or meta.get("method") not in MODULES:
         raise vitlib.CheckpointError(f"{path}: a .safetensors file without nanoPETL's module header; make one with "
                                      "python pvp_pretrain.py")
-    if meta["backbone_hash"] != vitlib.weights_hash(backbone):
+    if meta["backbone_hash"] != weights_hash(backbone):
         raise vitlib.CheckpointError(
             f"{path} was pre-trained on backbone {meta['backbone']} (weights {meta['backbone_hash']}), not on this one "
-            f"(weights {vitlib.weights_hash(backbone)}): pre-train it on this backbone with pvp_pretrain.py --weights")
+            f"(weights {weights_hash(backbone)}): pre-train it on this backbone with pvp_pretrain.py --weights")
     return meta, tensors
 
 
@@ -110,7 +119,7 @@ def pretrain(args, backbone=None, backbone_name="vit_synthetic"):
     rank = dist.get_rank() if dist.is_initialized() else 0
     device = fewshot.pick_device(args.device)
     task = source_task(args, backbone.img_size if backbone is not None else 32)
-    backbone_hash = vitlib.weights_hash(backbone) if backbone is not None else None  # before LoRA wraps its layers
+    backbone_hash = weights_hash(backbone) if backbone is not None else None  # before LoRA wraps its layers
     torch.manual_seed(args.seed)  # the module's (or backbone's) initialisation
     if args.backbone:
         model = vitlib.vit_synthetic(num_classes=task.num_classes)
@@ -151,8 +160,12 @@ def pretrain(args, backbone=None, backbone_name="vit_synthetic"):
 
 
 def module_config(args):
-    return dict(vpt=dict(num_prompts=args.prompts, deep=True), **{"vpt-shallow": dict(num_prompts=args.prompts, deep=False)},
-                e2vpt=dict(num_prompts=args.prompts, num_kv_prompts=args.kv_prompts), lora=dict(rank=args.rank, alpha=args.rank))[args.method]
+    """The constructor arguments of args.method from the flags."""
+    if args.method == "e2vpt":
+        return dict(num_prompts=args.prompts, num_kv_prompts=args.kv_prompts)
+    if args.method == "lora":
+        return dict(rank=args.rank, alpha=args.rank)
+    return dict(num_prompts=args.prompts, deep=args.method == "vpt")
 
 # -----------------------------------------------------------------------------
 # what fewshot.py calls when the embedded pieces are missing
@@ -163,17 +176,17 @@ def embedded_backbone():
     if not path.exists():
         print("building the embedded backbone once: vit_synthetic trained from scratch on the synthetic backbone "
               f"source (about 3-4 minutes on a 2-core CPU); cached at {path}")
-        pretrain(parser().parse_args(["--backbone", "--out", str(path)]))
+        pretrain(parse(["--backbone", "--out", str(path)]))
     return vitlib.load_pretrained(vitlib.vit_synthetic(num_classes=0), path, verbose=False).eval()
 
 
 def embedded_pvp(backbone):
     path = CHECKPOINTS / "pvp_vpt_vit_synthetic.safetensors"
-    stale = path.exists() and json.loads(safe_open(path, "pt").metadata()["nanopetl"])["backbone_hash"] != vitlib.weights_hash(backbone)
+    stale = path.exists() and json.loads(safe_open(path, "pt").metadata()["nanopetl"])["backbone_hash"] != weights_hash(backbone)
     if not path.exists() or stale:
         print(f"building the embedded PVP prompts once{' (the backbone changed)' if stale else ''}: VPT-deep pre-trained on "
               f"the synthetic PVP source (about 1-2 minutes on a 2-core CPU); cached at {path}")
-        pretrain(parser().parse_args(["--out", str(path)]), backbone)
+        pretrain(parse(["--out", str(path)]), backbone)
     return path
 
 
@@ -204,13 +217,18 @@ def parser():
     return ap
 
 
-def main(argv=None):
+def parse(argv):
+    """The flags, with what was left unset taken from BACKBONE or PVP."""
     args = parser().parse_args(argv)
-    defaults = BACKBONE if args.backbone else PVP
-    for k, v in defaults.items():
+    for k, v in (BACKBONE if args.backbone else PVP).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.data = args.data or ("synthetic-backbone" if args.backbone else "synthetic")
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
     if args.backbone and args.weights:
         raise fewshot.UsageError("--backbone trains the embedded ViT from scratch; it takes no --weights")
     if "LOCAL_RANK" in os.environ:  # under torchrun: DistributedDataParallel, gloo on CPU, NCCL on CUDA
@@ -218,8 +236,10 @@ def main(argv=None):
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
             args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-    backbone, name = (None, None) if args.backbone else fewshot.load_backbone(argparse.Namespace(**{**dataclasses.asdict(fewshot.Config()), "weights": args.weights, "arch": args.arch, "img_size": None}))
-    args.out = args.out or str(CHECKPOINTS / ("vit_synthetic.safetensors" if args.backbone else f"pvp_{args.method}_{name.split(':')[-1].split('.')[0]}.safetensors"))
+    backbone, name = (None, None) if args.backbone else fewshot.load_backbone(args.weights, args.arch)
+    if args.out is None:  # checkpoints/vit_synthetic.safetensors, or e.g. checkpoints/pvp_vpt_ViT-B_16.safetensors
+        args.out = CHECKPOINTS / ("vit_synthetic" if args.backbone else f"pvp_{args.method}_{Path(name.split(':')[-1]).stem}")
+        args.out = str(args.out) + ".safetensors"
     pretrain(args, backbone, name)
     if dist.is_initialized():
         dist.destroy_process_group()

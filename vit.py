@@ -283,15 +283,6 @@ def load_pretrained(model, source, verbose=True):
     return model
 
 
-def weights_hash(model):
-    """A short fingerprint of a backbone's weights, head excluded (module checkpoints record it)."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        if not k.startswith("head."):
-            h.update(k.encode()), h.update(v.detach().cpu().float().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Rows: forward (inference) and forward+backward with every weight frozen and the gradient flowing to the input
 (the PETuning case: prompts sit in the input, the backbone is frozen). Prints img/s for each and ours/timm
-(> 1 means ours is faster), the median over repeats, timm and ours interleaved so drift hits both alike.
-run: python tests/bench_vit.py [--repeats 7] [--threads 2]
+(> 1 means ours is faster), the median over repeats (at least --repeats, and until a row has taken --seconds:
+a few repeats of a 25 ms forward are noise), timm and ours interleaved so drift hits both alike.
+run: python tests/bench_vit.py [--repeats 7] [--seconds 10] [--threads 2]
 """
 import argparse
 import statistics
@@ -42,11 +43,13 @@ def seconds(model, x, backward):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--seconds", type=float, default=10.0, help="keep repeating a row until both took this long")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--only", default="", help="run only configs whose name contains this")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32 CPU, median of {args.repeats}")
+    print(f"torch {torch.__version__}, {args.threads} threads, fp32 CPU, median of at least {args.repeats} "
+          f"repeats and {args.seconds:.0f} s per row")
     print(f"| model | pass | batch | ours img/s | timm img/s | ours/timm |\n|---|---|---|---|---|---|")
     for name, (preset, kw, batch) in CONFIGS.items():
         if args.only not in name:
@@ -60,7 +63,7 @@ def main():
             for m in (ref, ours):  # warm-up
                 step(m, x, backward)
             t_ref, t_ours = [], []
-            for _ in range(args.repeats):
+            while len(t_ref) < args.repeats or sum(t_ref) + sum(t_ours) < args.seconds:  # fast rows get more repeats
                 t_ref.append(seconds(ref, x, backward))
                 t_ours.append(seconds(ours, x, backward))
             r, o = statistics.median(t_ref), statistics.median(t_ours)

@@ -18,6 +18,7 @@ import data
 import fewshot
 import pvp_pretrain
 import vit
+from fixtures import randomize
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -183,9 +184,22 @@ def test_bad_arguments_give_one_clear_message(world, tmp_path, argv, needle):
 def test_module_checkpoint_is_safetensors_with_its_story(world):
     meta = json.loads(__import__("safetensors").safe_open(world["pvp"], "pt").metadata()["nanopetl"])
     assert meta["method"] == "vpt" and meta["config"]["deep"] is True and meta["source"] == "synthetic"
-    assert meta["backbone_hash"] == vit.weights_hash(vit.load_pretrained(vit.vit_synthetic(num_classes=0), world["backbone"], verbose=False))
+    assert meta["backbone_hash"] == pvp_pretrain.weights_hash(vit.load_pretrained(vit.vit_synthetic(num_classes=0), world["backbone"], verbose=False))
     assert 0 <= meta["source_top1"] <= 100 and meta["epochs"] == 1
     assert set(load_file(world["pvp"])) == {"prompts"}  # the module only: no source head, no backbone
+
+
+def test_weights_hash_tracks_backbone_not_head():
+    a = randomize(vit.vit_synthetic(num_classes=3), std=0.1)
+    b = randomize(vit.vit_synthetic(num_classes=5), std=0.1)
+    with torch.no_grad():
+        b.head.weight.zero_()
+    same = {k: v for k, v in a.state_dict().items() if not k.startswith("head.")}
+    b.load_state_dict({**same, "head.weight": b.head.weight, "head.bias": b.head.bias})
+    assert pvp_pretrain.weights_hash(a) == pvp_pretrain.weights_hash(b)
+    with torch.no_grad():
+        b.blocks[0].norm1.bias.add_(1e-3)
+    assert pvp_pretrain.weights_hash(a) != pvp_pretrain.weights_hash(b)
 
 
 def pretrain_argv(world, out, epochs=3):
@@ -221,3 +235,20 @@ def test_torchrun_two_processes_write_one_checkpoint(world, tmp_path):
     assert out.exists() and set(load_file(out)) == {"prompts"}
     assert r.stdout.count("wrote ") == 1  # only rank 0 writes
     assert list(tmp_path.iterdir()) == [out]
+
+
+def test_embedded_backbone_and_pvp_are_built_once_then_reused(tmp_path, monkeypatch):
+    """The main job's path with no --weights and no --pvp-init, at a micro budget: both pieces are built, cached,
+    and the next run reuses them."""
+    monkeypatch.setattr(pvp_pretrain, "CHECKPOINTS", tmp_path / "checkpoints")
+    monkeypatch.setattr(pvp_pretrain, "BACKBONE", dict(per_class=2, epochs=1, lr=1e-3, wd=0.05, batch=128))
+    monkeypatch.setattr(pvp_pretrain, "PVP", dict(per_class=2, epochs=1, lr=5e-3, wd=1e-4, batch=128))
+    argv = ["--method", "pvp", "--shots", "1", "--seeds", "0", "--data", "synthetic:shape", "--epochs", "1",
+            "--out", str(tmp_path / "out")]
+    assert fewshot.main(argv) == 0
+    built = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert built == ["pvp_vpt_vit_synthetic.safetensors", "vit_synthetic.safetensors"]
+    [r] = lines(tmp_path / "out")
+    assert r["status"] == "ok" and r["backbone"] == "vit_synthetic" and r["protocol"]["max_steps"] == 100
+    monkeypatch.setattr(pvp_pretrain, "pretrain", lambda *a, **k: pytest.fail("a cached piece was built again"))
+    assert fewshot.main([*argv[:-1], str(tmp_path / "again")]) == 0
