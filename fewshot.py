@@ -389,7 +389,7 @@ def main(argv=None):
                     bar.set_description(f"{m} {task.name} {k or 'all'}-shot seed {s}")
                     t0 = time.time()
                     record = dict(key=key, method=m, dataset=task.name, shots=k or "all", seed=s, backbone=backbone_name,
-                                  protocol=protocol, norm=task.meta.get("norm", cfg.norm), train_aug=task.train_aug,
+                                  protocol=protocol, mean=task.mean, std=task.std, train_aug=task.train_aug,
                                   sizes=dict(train=len(task.train), val=len(task.val), test=len(task.test)),
                                   num_classes=task.num_classes, backbone_params=backbone_params)
                     try:
