@@ -19,6 +19,7 @@ Output in --out: results.jsonl (appended and flushed per run; a re-run skips wha
 import argparse
 import copy
 import dataclasses
+import datetime
 import fcntl
 import hashlib
 import json
@@ -179,11 +180,13 @@ def autocast(device, amp):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
 
 
-def train(model, split, task, cfg, device, *, seed, lr=None, desc="train", start_epoch=0, opt_state=None, on_epoch=None):
+def train(model, split, task, cfg, device, *, seed, lr=None, desc="train", start_epoch=0, opt_state=None, on_epoch=None,
+          distributed=False):
     """AdamW or SGD with linear warmup then cosine, per step; `epochs` passes capped at `max_steps` steps. Each epoch
-    reseeds from (seed, epoch), so a run resumed at an epoch boundary (start_epoch, opt_state) replays exactly."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    net = DDP(model) if world > 1 else model  # averages the trainable tensors' gradients over ranks
+    reseeds from (seed, epoch), so a run resumed at an epoch boundary (start_epoch, opt_state) replays exactly.
+    distributed=True (pvp_pretrain under torchrun): one model over all ranks, DDP averaging the gradients."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed and dist.is_initialized() else (0, 1)
+    net = DDP(model) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.ndim > 1], weight_decay=cfg.wd),
               dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)]  # no decay on biases (VPT)
@@ -345,6 +348,17 @@ def pick_device(name):
     return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
 
 
+def init_distributed(device):
+    """(rank, world size, device). Under torchrun: join the group (NCCL on CUDA, gloo on CPU), one GPU per rank."""
+    if "LOCAL_RANK" not in os.environ:
+        return 0, 1, pick_device(device)
+    cuda, local = torch.cuda.is_available() and device in ("auto", "cuda"), int(os.environ["LOCAL_RANK"])
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(days=7))  # ranks wait at the end
+    if cuda:
+        torch.cuda.set_device(local)
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}") if cuda else pick_device(device)
+
+
 def main(argv=None):
     cfg = parse(argv)
     methods = list(METHODS) if cfg.method == "all" else cfg.method.split(",")
@@ -355,7 +369,8 @@ def main(argv=None):
         raise UsageError(f"--lr must be a positive number, got {cfg.lr}")
     shots = [None] if cfg.shots == "all" else [int(s) for s in cfg.shots.split(",")]
     seeds = [int(s) for s in cfg.seeds.split(",")]
-    device, out = pick_device(cfg.device), Path(cfg.out)
+    rank, world, device = init_distributed(cfg.device)  # under torchrun each rank takes every world-th run
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     backbone, backbone_name = load_backbone(cfg.weights, cfg.arch, cfg.img_size)
     backbone_params = count(backbone.parameters())
@@ -374,7 +389,7 @@ def main(argv=None):
     done = finished(results)
     plan = [(k, s) for k in shots for s in seeds]
     total = len(plan) * len(methods) * (5 if cfg.data == "synthetic" else 1)
-    bar = tqdm(total=total, desc="runs", dynamic_ncols=True)
+    bar, n = tqdm(total=total, desc="runs" if world == 1 else f"runs of rank {rank}", dynamic_ncols=True), -1
     try:
         for k, s in plan:
             tasks = data.load_task(cfg.data, cfg.data_root, shots=k, seed=s, img_size=cfg.img_size or backbone.img_size,
@@ -382,8 +397,8 @@ def main(argv=None):
             for task in tasks:
                 task.train_aug = cfg.aug or task.train_aug
                 for m in methods:
-                    key = f"{m}|{task.name}|{k or 'all'}|{s}|{tag}"
-                    if key in done:
+                    key, n = f"{m}|{task.name}|{k or 'all'}|{s}|{tag}", n + 1
+                    if key in done or n % world != rank:
                         bar.update()
                         continue
                     bar.set_description(f"{m} {task.name} {k or 'all'}-shot seed {s}")
@@ -406,6 +421,11 @@ def main(argv=None):
         print(f"\ninterrupted: every finished run is in {results}; run the same command again to go on")
         return 130
     bar.close()
+    if world > 1:  # rank 0 waits for every rank, then reads the merged file and writes the table once
+        dist.barrier()
+        if rank != 0:
+            return 0
+        done = finished(results)
     records = [r for r in done.values() if r["key"].endswith(tag) and r["method"] in methods
                and r["shots"] in [k or "all" for k in shots] and r["seed"] in seeds]
     table = summarize(records, methods, backbone_params)

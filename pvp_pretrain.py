@@ -142,7 +142,7 @@ def pretrain(args, backbone=None, backbone_name="vit_synthetic"):
 
     t0 = time.time()
     fewshot.train(model, task.train, task, cfg, device, seed=args.seed, desc=f"pre-training {Path(args.out).name}",
-                  start_epoch=start, opt_state=opt_state, on_epoch=on_epoch)
+                  start_epoch=start, opt_state=opt_state, on_epoch=on_epoch, distributed=True)
     acc = fewshot.evaluate(model, task.val, task, device)
     if rank == 0:
         if args.backbone:
@@ -231,11 +231,7 @@ def main(argv=None):
     args = parse(argv)
     if args.backbone and args.weights:
         raise fewshot.UsageError("--backbone trains the embedded ViT from scratch; it takes no --weights")
-    if "LOCAL_RANK" in os.environ:  # under torchrun: DistributedDataParallel, gloo on CPU, NCCL on CUDA
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+    args.device = str(fewshot.init_distributed(args.device)[2])  # under torchrun: DDP, one device per rank
     backbone, name = (None, None) if args.backbone else fewshot.load_backbone(args.weights, args.arch)
     if args.out is None:  # checkpoints/vit_synthetic.safetensors, or e.g. checkpoints/pvp_vpt_ViT-B_16.safetensors
         args.out = CHECKPOINTS / ("vit_synthetic" if args.backbone else f"pvp_{args.method}_{Path(name.split(':')[-1]).stem}")

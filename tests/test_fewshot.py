@@ -252,3 +252,19 @@ def test_embedded_backbone_and_pvp_are_built_once_then_reused(tmp_path, monkeypa
     assert r["status"] == "ok" and r["backbone"] == "vit_synthetic" and r["protocol"]["max_steps"] == 100
     monkeypatch.setattr(pvp_pretrain, "pretrain", lambda *a, **k: pytest.fail("a cached piece was built again"))
     assert fewshot.main([*argv[:-1], str(tmp_path / "again")]) == 0
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+def test_torchrun_sweep_shards_runs_and_rank0_writes_the_table(world, tmp_path):
+    single, ranks = tmp_path / "single", tmp_path / "ranks"
+    sweep = lambda out: [a if a != "1" else "1,2" for a in args(world, out, "--method", "linear,vpt", "--seeds", "0,1")]
+    assert fewshot.main(sweep(single)) == 0
+    r = subprocess.run(["torchrun", "--nproc_per_node=2", "--master_port=29519", "fewshot.py", *sweep(ranks)],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    keys = [rec["key"] for rec in lines(ranks)]
+    assert len(keys) == len(set(keys)) == 8  # 2 methods x 2 shots x 2 seeds, each run once
+    assert set(keys) == {rec["key"] for rec in lines(single)}
+    assert r.stdout.count("saved: ") == 1 and (ranks / "summary.md").read_text().count("| vpt |") == 2
+    by_key = {rec["key"]: rec for rec in lines(single)}
+    assert all(rec["test_top1"] == by_key[rec["key"]]["test_top1"] for rec in lines(ranks))  # same numbers either way
