@@ -4,6 +4,9 @@ Few-shot evaluation of PETuning methods: methods x datasets x shots x seeds, one
     python fewshot.py --method pvp --shots 1                # the main job: offline, on the embedded world
     python fewshot.py --method all --plot                   # every method, shots 1..16, seeds 0..2, and the figure
     python fewshot.py --weights vit_b16_in21k --data noah-fewshot --data-root data/oxford-flowers102 --method vpt
+    python fewshot.py --weights vit_b16_in21k --data vtab1k --data-root data/vtab-1k --vtab-task dtd --shots all \
+        --grid --optimizer sgd --lr-scale --method vpt          # VPT's protocol: lr x wd on train800 -> val200
+    torchrun --nproc_per_node=8 fewshot.py ...              # a sweep over 8 GPUs: each rank takes every 8th run
 With no --weights the embedded backbone is used, and `pvp` with no --pvp-init the embedded PVP prompts; whichever
 is missing is built first by pvp_pretrain.py's code and cached under checkpoints/.
 
@@ -61,6 +64,11 @@ class Config:
     pvp_init: str = field(default=None, metadata={"help": "module checkpoint for `pvp` (none = the embedded one)"})
     optimizer: str = field(default="adamw", metadata={"help": "adamw (NOAH) or sgd (VPT: momentum 0.9)"})
     lr: float = field(default=5e-3, metadata={"help": "base learning rate"})
+    grid: bool = field(default=False, metadata={"help": "choose lr x wd on val first (vtab1k: train800 -> val200), "
+                                                        "then run the choice on every seed"})
+    grid_lr: str = field(default="50,25,10,5,2.5,1,0.5,0.25,0.1,0.05",
+                         metadata={"help": "--grid's learning rates (VPT's, for --optimizer sgd --lr-scale)"})
+    grid_wd: str = field(default="0.01,0.001,0.0001,0", metadata={"help": "--grid's weight decays (VPT's)"})
     lr_scale: bool = field(default=False, metadata={"help": "multiply lr by batch/256 (VPT's rule)"})
     wd: float = field(default=1e-4, metadata={"help": "weight decay (none on biases and norms)"})
     epochs: int = field(default=100, metadata={"help": "passes over the support set"})
@@ -85,7 +93,7 @@ class Config:
 # The embedded world's departures from NOAH. Chosen on its val pools (seed 0, shots 1 and 16, linear/vpt/lora):
 # lr 5e-3 beat 1e-3 and 2e-2 there, and 100 steps beat 50 and tied 200 (README, "Embedded results").
 EMBEDDED = dict(max_steps=100, norm="inception")
-PROTOCOL = ("optimizer", "lr", "lr_scale", "wd", "epochs", "max_steps", "warmup", "batch", "norm", "aug", "img_size",
+PROTOCOL = ("grid", "grid_lr", "grid_wd", "optimizer", "lr", "lr_scale", "wd", "epochs", "max_steps", "warmup", "batch", "norm", "aug", "img_size",
             "head_init", "prompts", "kv_prompts", "prune_tokens", "prune_segments", "rank", "weights", "pvp_init")
 
 
@@ -254,7 +262,7 @@ def count(params):
 # one run, the sweep, the results
 
 
-def run_one(name, task, backbone, cfg, device, seed):
+def run_one(name, task, backbone, cfg, device, seed, test=True):
     torch.manual_seed(seed)
     model = METHODS[name](copy.deepcopy(backbone), task.num_classes, cfg).to(device)
     lr = cfg.lr * LR_FACTOR.get(name, 1.0)
@@ -269,8 +277,27 @@ def run_one(name, task, backbone, cfg, device, seed):
         train(model, task.train, task, cfg, device, seed=seed, lr=lr, desc=f"{name} {task.name} rewound")
     if hasattr(model, "merge"):  # LoRA: fold B·A into the frozen weights, zero-overhead inference
         model.merge()
-    return out | dict(val_top1=evaluate(model, task.val, task, device, cfg.amp),
-                      test_top1=evaluate(model, task.test, task, device, cfg.amp))
+    out["val_top1"] = evaluate(model, task.val, task, device, cfg.amp)
+    return out | (dict(test_top1=evaluate(model, task.test, task, device, cfg.amp)) if test else {})
+
+
+def search(name, task, backbone, cfg, device, seed):
+    """--grid: train at every lr x wd, score on task.val at the last step (test is never touched); keep the best,
+    ties to the smaller lr (VPT's rule). Returns the config with that lr and wd, and the grid as [lr, wd, val]."""
+    grid = [[lr, wd, run_one(name, task, backbone, dataclasses.replace(cfg, lr=lr, wd=wd), device, seed,
+                             test=False)["val_top1"]]
+            for lr in map(float, cfg.grid_lr.split(",")) for wd in map(float, cfg.grid_wd.split(","))]
+    lr, wd, _ = max(grid, key=lambda g: (g[2], -g[0]))
+    return dataclasses.replace(cfg, lr=lr, wd=wd), grid
+
+
+def search_task(cfg, task, shots, seed, backbone):
+    """Where --grid trains and selects: VTAB-1k's train800 -> val200; any other task's support set -> its val."""
+    if not task.name.startswith("vtab1k"):
+        return task
+    [search] = data.load_task(cfg.data, cfg.data_root, shots=shots, seed=seed, vtab_stage="search", norm=cfg.norm,
+                              img_size=cfg.img_size or backbone.img_size, vtab_task=cfg.vtab_task)
+    return search
 
 
 def load_backbone(weights, arch="vit_base_patch16", img_size=None):
@@ -389,6 +416,7 @@ def main(argv=None):
     done = finished(results)
     plan = [(k, s) for k in shots for s in seeds]
     total = len(plan) * len(methods) * (5 if cfg.data == "synthetic" else 1)
+    chosen = {}  # --grid: (method, task, shots) -> (config, grid)
     bar, n = tqdm(total=total, desc="runs" if world == 1 else f"runs of rank {rank}", dynamic_ncols=True), -1
     try:
         for k, s in plan:
@@ -408,7 +436,14 @@ def main(argv=None):
                                   sizes=dict(train=len(task.train), val=len(task.val), test=len(task.test)),
                                   num_classes=task.num_classes, backbone_params=backbone_params)
                     try:
-                        record |= run_one(m, task, backbone, cfg, device, s) | dict(status="ok")
+                        run_cfg = cfg
+                        if cfg.grid:  # once per method, task and shots, on the first seed's support set
+                            if (m, task.name, k) not in chosen:
+                                chosen[m, task.name, k] = search(m, search_task(cfg, task, k, s, backbone), backbone,
+                                                                 cfg, device, s)
+                            run_cfg, grid = chosen[m, task.name, k]
+                            record |= dict(grid=grid, chosen=dict(lr=run_cfg.lr, wd=run_cfg.wd))
+                        record |= run_one(m, task, backbone, run_cfg, device, s) | dict(status="ok")
                     except Diverged as e:
                         tqdm.write(f"failed: {m} on {task.name}, {k}-shot, seed {s}: {e}")
                         record |= dict(status="failed", error=str(e))

@@ -268,3 +268,35 @@ def test_torchrun_sweep_shards_runs_and_rank0_writes_the_table(world, tmp_path):
     assert r.stdout.count("saved: ") == 1 and (ranks / "summary.md").read_text().count("| vpt |") == 2
     by_key = {rec["key"]: rec for rec in lines(single)}
     assert all(rec["test_top1"] == by_key[rec["key"]]["test_top1"] for rec in lines(ranks))  # same numbers either way
+
+
+class PixelProbe(nn.Module):
+    """A linear classifier on 4x4-pooled pixels: colour classes are learnable from it, so lr matters on val."""
+    name = "pixels"
+
+    def __init__(self, backbone, *, num_classes):
+        super().__init__()
+        self.vit, self.config = backbone.requires_grad_(False), {}
+        self.head = nn.Linear(48, num_classes)
+
+    def features(self, images):
+        return torch.nn.functional.adaptive_avg_pool2d(images, 4).flatten(1)  # (B, 3*4*4)
+
+    def forward(self, images):
+        return self.head(self.features(images))
+
+
+def test_grid_picks_the_lr_that_wins_on_val_and_records_it(world, tmp_path, monkeypatch):
+    monkeypatch.setitem(fewshot.METHODS, "pixels", lambda v, c, cfg: PixelProbe(v, num_classes=c))
+    a = args(world, tmp_path, "--method", "pixels", "--shots", "4", "--seeds", "0,1", "--epochs", "20",
+             "--grid", "--grid-lr", "1e-9,5e-2", "--grid-wd", "0,0.1")
+    a[a.index("synthetic:shape")] = "synthetic:colour"
+    assert fewshot.main(a) == 0
+    records = lines(tmp_path)
+    assert len(records) == 2 and all(r["status"] == "ok" for r in records)
+    grid = records[0]["grid"]
+    assert [g[:2] for g in grid] == [[1e-9, 0.0], [1e-9, 0.1], [5e-2, 0.0], [5e-2, 0.1]]
+    assert min(g[2] for g in grid[2:]) > max(g[2] for g in grid[:2]) + 10  # lr 1e-9 leaves the zero head untrained
+    best = max(grid, key=lambda g: (g[2], -g[0]))
+    assert best[0] == 5e-2 and records[0]["chosen"] == dict(lr=best[0], wd=best[1]) == records[1]["chosen"]
+    assert all("test_top1" in r for r in records) and records[0]["protocol"]["grid"] is True

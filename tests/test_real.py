@@ -121,3 +121,17 @@ def test_pvp_pretrain_on_a_folder_source_then_fewshot_from_it(tmp_path):
     assert fewshot.main(argv) == 0
     [r] = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert r["status"] == "ok" and r["num_classes"] == 3
+
+
+def test_vtab_grid_searches_on_train800_and_runs_the_choice_on_train800val200(tmp_path, monkeypatch):
+    name, extra = write_layout(tmp_path / "data", "vtab1k", np.random.default_rng(3))
+    weights = write_weights(tmp_path / "vit.npz", "npz")
+    seen, real = [], fewshot.search
+    monkeypatch.setattr(fewshot, "search", lambda m, task, *a: seen.append(len(task.train)) or real(m, task, *a))
+    argv = ["--weights", str(weights), "--arch", "vit_synthetic", "--data", name, "--data-root", str(tmp_path / "data"),
+            "--method", "linear", "--seeds", "0", "--epochs", "1", "--grid", "--grid-lr", "0.1,0.01", "--grid-wd", "0",
+            "--out", str(tmp_path / "out"), *extra]
+    assert fewshot.main(argv) == 0
+    [r] = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert seen == [12] and r["sizes"]["train"] == 20  # search: train800 (3 x 4); final: train800val200 (5 x 4)
+    assert len(r["grid"]) == 2 and r["chosen"]["lr"] in (0.1, 0.01) and r["status"] == "ok"
