@@ -55,6 +55,15 @@ def write_layout(root, layout, rng):
                 jpeg(root / rel, rng)
             (root / f"{split}.json").write_text(json.dumps(m))
         return "fgvc-json", []
+    if layout == "flowers102":  # torchvision's layout: .mat labels 1..C, image ids 1..N, and the split ids
+        from scipy.io import savemat
+        base, labels = root / "flowers-102", [1 + i % 3 for i in range(18)]
+        for i in range(1, 19):
+            jpeg(base / "jpg" / f"image_{i:05d}.jpg", rng)
+        savemat(base / "imagelabels.mat", {"labels": np.array([labels])})
+        savemat(base / "setid.mat", {"trnid": np.array([list(range(1, 10))]), "valid": np.array([[10, 11, 12]]),
+                                     "tstid": np.array([list(range(13, 19))])})
+        return "flowers102", []
     raise ValueError(layout)
 
 
@@ -72,7 +81,7 @@ def write_weights(path, fmt, seed=0):
 
 
 @pytest.mark.parametrize("layout, fmt", [("imagefolder", "npz"), ("noah-fewshot", "timm"), ("vtab1k", "torchvision"),
-                                         ("fgvc-json", "npz")])
+                                         ("fgvc-json", "npz"), ("flowers102", "timm")])
 def test_fewshot_cli_on_each_layout_and_checkpoint_format(tmp_path, layout, fmt):
     rng = np.random.default_rng(0)
     name, extra = write_layout(tmp_path / "data", layout, rng)
@@ -89,7 +98,7 @@ def test_fewshot_cli_on_each_layout_and_checkpoint_format(tmp_path, layout, fmt)
         assert r["status"] == "ok" and r["num_classes"] == classes and r["dataset"].startswith(name)
         assert tuple(r["mean"]) == data.NORMS["imagenet"][0]  # real data: ImageNet statistics, not the world's 0.5
         assert r["sizes"]["train"] == (20 if layout == "vtab1k" else 2 * classes)  # vtab: train800val200, all of it
-        assert r["sizes"]["test"] == 3 * classes
+        assert r["sizes"]["test"] == (6 if layout == "flowers102" else 3 * classes)
 
 
 def test_resolution_follows_the_flag_and_the_checkpoint_is_resampled(tmp_path):
