@@ -263,6 +263,14 @@ def count(params):
 
 
 def run_one(name, task, backbone, cfg, device, seed, test=True):
+    """Train method `name` on task.train (fit), then top-1 on val (and test): the record's numbers."""
+    model, out = fit(name, task, backbone, cfg, device, seed)
+    out["val_top1"] = evaluate(model, task.val, task, device, cfg.amp)
+    return out | (dict(test_top1=evaluate(model, task.test, task, device, cfg.amp)) if test else {})
+
+
+def fit(name, task, backbone, cfg, device, seed):
+    """(the trained model ready for inference, {trainable, ...}): a fresh copy of `backbone` wrapped by the method."""
     torch.manual_seed(seed)
     model = METHODS[name](copy.deepcopy(backbone), task.num_classes, cfg).to(device)
     lr = cfg.lr * LR_FACTOR.get(name, 1.0)
@@ -277,8 +285,7 @@ def run_one(name, task, backbone, cfg, device, seed, test=True):
         train(model, task.train, task, cfg, device, seed=seed, lr=lr, desc=f"{name} {task.name} rewound")
     if hasattr(model, "merge"):  # LoRA: fold B·A into the frozen weights, zero-overhead inference
         model.merge()
-    out["val_top1"] = evaluate(model, task.val, task, device, cfg.amp)
-    return out | (dict(test_top1=evaluate(model, task.test, task, device, cfg.amp)) if test else {})
+    return model.eval(), out
 
 
 def search(name, task, backbone, cfg, device, seed):
@@ -386,8 +393,9 @@ def init_distributed(device):
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}") if cuda else pick_device(device)
 
 
-def main(argv=None):
-    cfg = parse(argv)
+def check(cfg):
+    """Refuse what cannot work before any time is spent: one UsageError naming the flag and what to do.
+    Returns (methods, shots, seeds)."""
     methods = list(METHODS) if cfg.method == "all" else cfg.method.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -396,6 +404,12 @@ def main(argv=None):
         raise UsageError(f"--lr must be a positive number, got {cfg.lr}")
     shots = [None] if cfg.shots == "all" else [int(s) for s in cfg.shots.split(",")]
     seeds = [int(s) for s in cfg.seeds.split(",")]
+    return methods, shots, seeds
+
+
+def main(argv=None):
+    cfg = parse(argv)
+    methods, shots, seeds = check(cfg)
     rank, world, device = init_distributed(cfg.device)  # under torchrun each rank takes every world-th run
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
