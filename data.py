@@ -448,6 +448,11 @@ def _decode(items, resize, side, resample, crop, desc):
         list(tqdm(pool.map(one, range(len(items))), total=len(items), desc=desc, disable=len(items) < 500, leave=False))
     return Split(images, torch.tensor([label for _, label in items], dtype=torch.long))
 
+@lru_cache(maxsize=4)
+def _decoded(items, resize, side, resample, crop, desc):
+    """_decode for val and test, memoised: a sweep's runs (methods x shots x seeds) decode them once per process."""
+    return _decode(items, resize, side, resample, crop, desc)
+
 # -----------------------------------------------------------------------------
 # load_task: one entry point for every dataset
 
@@ -494,7 +499,8 @@ def load_task(name="synthetic", root=None, *, shots=None, seed=0, img_size=None,
         raise DataError(f"{name}: these splits take {need / 1e9:.1f} GB as uint8 at {size} px (test: {len(test):,} "
                         f"images), over NANOPETL_MAX_GB={limit:g}: pass test_per_class=N (a seeded subset of each "
                         f"class), a smaller img_size, or raise NANOPETL_MAX_GB if the memory is there")
-    splits = [_decode(items, resize, side, resample, crop, f"{name} {s}")
+    splits = [_decode(items, resize, side, resample, crop, f"{name} {s}") if s == "train" else
+              _decoded(tuple(items), resize, side, resample, crop, f"{name} {s}")
               for s, items, crop in (("train", train, train_side), ("val", val, size), ("test", test, size))]
     meta = dict(dataset=name, root=str(root), protocol=protocol, norm=norm, shots=shots, seed=seed,
                 val="official" if "val" in found else "held out from train", test_per_class=test_per_class,

@@ -85,7 +85,8 @@ class Config:
     prune_segments: float = field(default=0.25, metadata={"help": "E2VPT: fraction of each token's segments pruned"})
     rank: int = field(default=8, metadata={"help": "LoRA rank (alpha = rank)"})
     device: str = field(default="auto", metadata={"help": "auto (cuda -> mps -> cpu), or a torch device"})
-    amp: bool = field(default=False, metadata={"help": "bf16 autocast (CUDA only)"})
+    amp: bool = field(default=False, metadata={"help": "bf16 autocast in training too (CUDA only; eval always uses it)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model for training and evaluation"})
     out: str = field(default="runs/fewshot", metadata={"help": "output folder"})
     plot: bool = field(default=False, metadata={"help": "write accuracy_vs_shots.png"})
 
@@ -175,13 +176,16 @@ def pvp_module(vit, num_classes, cfg):
 
 def batches(split, task, device, batch, *, train, generator=None, rank=0, world=1):
     """Normalised image batches on `device`: augmented when training (task.train_aug), centre-cropped otherwise;
-    under torchrun each of `world` ranks takes every world-th image of the same order."""
+    under torchrun each of `world` ranks takes every world-th image of the same order. A split of float features
+    (the linear probe's) is batched as it is."""
     order = (torch.randperm(len(split), generator=generator) if train else torch.arange(len(split)))[rank::world]
     for i in range(0, len(split), batch):
         idx = order[i:i + batch]
         x = split.images[idx].to(device, non_blocking=True)
-        x = data.augment(x, task.train_aug if train else "none", generator=generator, size=task.img_size)
-        yield data.normalize(x, task.mean, task.std), split.labels[idx].to(device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = data.augment(x, task.train_aug if train else "none", generator=generator, size=task.img_size)
+            x = data.normalize(x, task.mean, task.std)
+        yield x, split.labels[idx].to(device, non_blocking=True)
 
 
 def autocast(device, amp):
@@ -194,7 +198,7 @@ def train(model, split, task, cfg, device, *, seed, lr=None, desc="train", start
     reseeds from (seed, epoch), so a run resumed at an epoch boundary (start_epoch, opt_state) replays exactly.
     distributed=True (pvp_pretrain under torchrun): one model over all ranks, DDP averaging the gradients."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed and dist.is_initialized() else (0, 1)
-    net = DDP(model) if world > 1 else model
+    net = DDP(model) if world > 1 else torch.compile(model) if cfg.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.ndim > 1], weight_decay=cfg.wd),
               dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)]  # no decay on biases (VPT)
@@ -233,14 +237,22 @@ def train(model, split, task, cfg, device, *, seed, lr=None, desc="train", start
 
 
 @torch.inference_mode()
-def evaluate(model, split, task, device, amp=False, batch=256):
-    """Top-1 accuracy (%) of `model` on `split`, in eval mode."""
-    model.eval()
-    correct = 0
+def evaluate(model, split, task, device, batch=256, compile=False):
+    """Top-1 accuracy (%) of `model` on `split`, in eval mode, in bf16 on CUDA."""
+    net = torch.compile(model.eval()) if compile else model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=device)
     for x, y in batches(split, task, device, batch, train=False):
-        with autocast(device, amp):
-            correct += (model(x).argmax(-1) == y).sum().item()
-    return 100.0 * correct / len(split)
+        with autocast(device, True):
+            correct += (net(x).argmax(-1) == y).sum()  # summed on the device: no sync per batch
+    return 100.0 * correct.item() / len(split)
+
+
+@torch.no_grad()
+def features(model, split, task, device, batch=256):
+    """Split of the model's features of `split` (centre-cropped, not augmented), in fp32, on the CPU."""
+    model.eval()
+    feats = [model.features(x).float().cpu() for x, _ in batches(split, task, device, batch, train=False)]
+    return data.Split(torch.cat(feats), split.labels)
 
 
 @torch.inference_mode()
@@ -265,8 +277,8 @@ def count(params):
 def run_one(name, task, backbone, cfg, device, seed, test=True):
     """Train method `name` on task.train (fit), then top-1 on val (and test): the record's numbers."""
     model, out = fit(name, task, backbone, cfg, device, seed)
-    out["val_top1"] = evaluate(model, task.val, task, device, cfg.amp)
-    return out | (dict(test_top1=evaluate(model, task.test, task, device, cfg.amp)) if test else {})
+    out["val_top1"] = evaluate(model, task.val, task, device, compile=cfg.compile)
+    return out | (dict(test_top1=evaluate(model, task.test, task, device, compile=cfg.compile)) if test else {})
 
 
 def fit(name, task, backbone, cfg, device, seed):
@@ -276,7 +288,11 @@ def fit(name, task, backbone, cfg, device, seed):
     lr = cfg.lr * LR_FACTOR.get(name, 1.0)
     init_head(model, task.train, task, device, cfg.head_init)
     out = dict(trainable=count(p for p in model.parameters() if p.requires_grad))
-    train(model, task.train, task, cfg, device, seed=seed, lr=lr, desc=f"{name} {task.name}")
+    if type(model) is LinearProbe:  # the backbone is frozen and deterministic: its features once, then the head alone
+        train(model.head, features(model, task.train, task, device), task, cfg, device, seed=seed, lr=lr,
+              desc=f"{name} {task.name}")
+    else:
+        train(model, task.train, task, cfg, device, seed=seed, lr=lr, desc=f"{name} {task.name}")
     if name == "e2vpt":  # E2VPT Sec. 3.3: train, score, prune, rewind, train again
         scores = model.importance(batches(task.train, task, device, min(cfg.batch, len(task.train)), train=False))
         out["pruned"] = model.prune(cfg.prune_tokens, cfg.prune_segments, scores)  # what is kept
@@ -319,18 +335,45 @@ def load_backbone(weights, arch="vit_base_patch16", img_size=None):
 
 
 def append(path, record):
-    """One JSON line, appended under an exclusive lock and flushed to disk: sweeps sharing --out never interleave."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.write(json.dumps(record) + "\n")
-        f.flush(), os.fsync(f.fileno())
+    """One JSON line, appended under an exclusive lock and flushed to disk: sweeps sharing --out never interleave.
+    A line torn by an earlier failed write is ended first, so it cannot swallow this one."""
+    try:
+        with open(path, "ab+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            end = f.seek(0, os.SEEK_END)
+            torn = end > 0 and f.seek(end - 1) == end - 1 and f.read(1) != b"\n"
+            f.write(b"\n" * torn + json.dumps(record).encode() + b"\n")
+            f.flush(), os.fsync(f.fileno())
+    except OSError as e:  # e.g. the disk is full
+        raise UsageError(f"cannot write {path}: {e.strerror or e}. The runs finished before this one are kept there; "
+                         f"free some space (or pass another --out) and run the same command again") from None
 
 
 def finished(path):
+    """{key: record} of the runs in a results file; a torn line (a write cut short) is skipped, so it is run again."""
     if not path.exists():
         return {}
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["key"]: r for r in records}
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return {r["key"]: r for r in records if isinstance(r, dict) and "key" in r}
+
+
+def claim(out, key):
+    """An open file holding an exclusive lock for run `key` while it trains, or None if another process holds it:
+    two sweeps on one --out split the work instead of repeating it. The OS drops the lock if the process dies."""
+    d = out / ".claims"
+    d.mkdir(exist_ok=True)
+    f = open(d / hashlib.sha1(key.encode()).hexdigest()[:16], "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return f
+    except BlockingIOError:
+        f.close()
+        return None
 
 
 def cells(records, methods):
@@ -425,13 +468,14 @@ def main(argv=None):
     tag = hashlib.sha1(json.dumps([{k: v for k, v in protocol.items() if k != "pvp_init"}, backbone_name],
                                   sort_keys=True).encode()).hexdigest()[:10]
     print(f"nanoPETL few-shot: {', '.join(methods)} on {cfg.data} x shots {cfg.shots} x seeds {cfg.seeds}, "
-          f"backbone {backbone_name} ({backbone_params:,} params) on {device}\nprotocol: {json.dumps(protocol)}")
+          f"backbone {backbone_name} ({backbone_params:,} params) on {device}{' (torch.compile)' * cfg.compile}\n"
+          f"protocol: {json.dumps(protocol)}")
     results = out / "results.jsonl"
     done = finished(results)
     plan = [(k, s) for k in shots for s in seeds]
     total = len(plan) * len(methods) * (5 if cfg.data == "synthetic" else 1)
     chosen = {}  # --grid: (method, task, shots) -> (config, grid)
-    bar, n = tqdm(total=total, desc="runs" if world == 1 else f"runs of rank {rank}", dynamic_ncols=True), -1
+    bar, n, busy = tqdm(total=total, desc="runs" if world == 1 else f"runs of rank {rank}", dynamic_ncols=True), -1, 0
     try:
         for k, s in plan:
             tasks = data.load_task(cfg.data, cfg.data_root, shots=k, seed=s, img_size=cfg.img_size or backbone.img_size,
@@ -443,12 +487,17 @@ def main(argv=None):
                     if key in done or n % world != rank:
                         bar.update()
                         continue
+                    lock = claim(out, key)
+                    if lock is None or key in (done := done | finished(results)):  # another sweep has it or did it
+                        busy += lock is None
+                        bar.update()
+                        continue
                     bar.set_description(f"{m} {task.name} {k or 'all'}-shot seed {s}")
                     t0 = time.time()
                     record = dict(key=key, method=m, dataset=task.name, shots=k or "all", seed=s, backbone=backbone_name,
                                   protocol=protocol, mean=task.mean, std=task.std, train_aug=task.train_aug,
                                   sizes=dict(train=len(task.train), val=len(task.val), test=len(task.test)),
-                                  num_classes=task.num_classes, backbone_params=backbone_params)
+                                  num_classes=task.num_classes, backbone_params=backbone_params, compiled=cfg.compile)
                     try:
                         run_cfg = cfg
                         if cfg.grid:  # once per method, task and shots, on the first seed's support set
@@ -464,6 +513,7 @@ def main(argv=None):
                     record["seconds"] = round(time.time() - t0, 2)
                     append(results, record)
                     done[key] = record
+                    lock.close()
                     bar.update()
     except KeyboardInterrupt:
         bar.close()
@@ -474,15 +524,23 @@ def main(argv=None):
         dist.barrier()
         if rank != 0:
             return 0
-        done = finished(results)
+    done = finished(results)  # with what other ranks, or another sweep on this --out, wrote
+    if busy:
+        print(f"{busy} runs were running in another sweep on {out}; when it ends, run this command again for the "
+              "full table")
     records = [r for r in done.values() if r["key"].endswith(tag) and r["method"] in methods
                and r["shots"] in [k or "all" for k in shots] and r["seed"] in seeds]
     table = summarize(records, methods, backbone_params)
-    (out / "summary.md").write_text(f"{cfg.data}, backbone {backbone_name}\n\n{table}\n")
-    print(table + f"\nsaved: {results}, {out / 'summary.md'}")
-    if cfg.plot:
-        plot(records, methods, out / "accuracy_vs_shots.png")
-        print(f"saved: {out / 'accuracy_vs_shots.png'}")
+    print(table)
+    try:
+        (out / "summary.md").write_text(f"{cfg.data}, backbone {backbone_name}\n\n{table}\n")
+        print(f"saved: {results}, {out / 'summary.md'}")
+        if cfg.plot:
+            plot(records, methods, out / "accuracy_vs_shots.png")
+            print(f"saved: {out / 'accuracy_vs_shots.png'}")
+    except OSError as e:
+        raise UsageError(f"cannot write {e.filename or out}: {e.strerror or e}. Every run is kept in {results}; free "
+                         f"some space and run the same command again to write the table") from None
     return 0
 
 
