@@ -312,7 +312,9 @@ def _list(file, base, num_classes=None):
     items = []
     for where, line in _rows(file):
         rel, _, label = line.rpartition(" ")
-        problem = ("expected '<relative path> <label>'" if not rel or not label.isdigit() else
+        classes = f" in 0..{num_classes - 1}" if num_classes else ""
+        problem = (f"expected '<relative path> <label>', the label a class number{classes}, not {label!r}"
+                   if not rel or not label.isdigit() else
                    f"label {label} is out of range 0..{num_classes - 1}" if num_classes and int(label) >= num_classes
                    else f"image {base / rel} does not exist" if not (base / rel).is_file() else None)
         if problem:
@@ -363,6 +365,8 @@ def _noah(root, shots, seed):
         raise DataError("noah-fewshot reads the list of (shots, seed): give shots (1, 2, 4, 8 or 16) and seed (0-2)")
     ann, base = root / "annotations", root if "stanford_cars" in str(root) else root / "images"  # NOAH's rule
     test = _list(ann / "test_meta.list", base)
+    if not test:
+        raise DataError(f"{ann / 'test_meta.list'} has no lines: its labels give the class count; re-create it")
     C = 1 + max(label for _, label in test)
     train = _list(ann / f"train_meta.list.num_shot_{shots}.seed_{seed}", base, C)
     unique = list(dict.fromkeys(train))
@@ -402,6 +406,9 @@ def _imagefolder(root):
                 raise DataError(f"{root / s}: class folders {extra} are not in {root / 'train'}")
             out[s] = [(f, c) for c, n in enumerate(names) if (root / s / n).is_dir()
                       for f in sorted((root / s / n).iterdir()) if f.suffix.lower() in IMAGE_TYPES]
+    if empty := sorted(set(range(len(names))) - {c for _, c in out["train"]}):
+        raise DataError(f"{root / 'train' / names[empty[0]]}: a class folder with no images ({' '.join(IMAGE_TYPES)}): "
+                        "add images to it or remove the folder")
     if "test" not in out and "val" not in out:
         raise FileNotFoundError(2, "not found", str(root / "test"))
     if "test" not in out:  # ImageNet's layout
@@ -421,11 +428,14 @@ def _read(name, root, shots, seed, task, stage, download):
                 if name == "vtab1k" else _fgvc_json(root) if name == "fgvc-json" else _imagefolder(root)
                 if name in ("imagefolder", "imagenet") else _torchvision_layout(name, root))
     except FileNotFoundError as e:
-        hint = " Or pass download=True." if name in TORCHVISION else " torchvision's StanfordCars download is gone " \
+        hint = " Or pass download=True. (fewshot.py --download)" if name in TORCHVISION else " torchvision's StanfordCars download is gone " \
             "(pytorch/vision#7545): get the files by hand, e.g. from a Kaggle mirror." if name == "cars" else ""
         raise DataError(f"{name}: {e.filename} not found. Expected under {root}: {LAYOUTS[name]}.{hint}") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{name}: a .json file under {root} is not valid JSON ({e}): re-create it") from None
+    except (ValueError, KeyError, IndexError, TypeError) as e:  # a field missing, or not a number where one belongs
+        raise DataError(f"{name}: an annotation file under {root} does not read ({type(e).__name__}: {e}); compare it "
+                        f"with the layout: {LAYOUTS[name]}") from None
 
 def _decode(items, resize, side, resample, crop, desc):
     """[(path, label)] -> Split of uint8 (N, 3, crop, crop): PIL decode, resize (the shorter side, or the whole image,
@@ -482,12 +492,21 @@ def load_task(name="synthetic", root=None, *, shots=None, seed=0, img_size=None,
     root, size = Path(root), img_size or 224
     found = _read(name, root, shots, seed, vtab_task or sub, vtab_stage, download)
     train, val, test = found["train"], found.get("val"), found["test"]
+    for s, items in (("train", train), ("test", test)):
+        if not items:
+            raise DataError(f"{name}: the {s} split under {root} is empty; expected {LAYOUTS[name]}")
     names = found.get("names") or [str(c) for c in range(1 + max(label for _, label in train + test))]
+    if bad := next(((p, y) for p, y in train + (val or []) + test if not 0 <= y < len(names)), None):
+        raise DataError(f"{name}: {bad[0]} gets label {bad[1]}, outside 0..{len(names) - 1} (class ids that count "
+                        f"from 1 in the annotation become 0-based): fix its annotation under {root}")
     labels = torch.tensor([label for _, label in train], dtype=torch.long)
     keep = torch.arange(len(train)) if shots is None or name == "noah-fewshot" else few_shot(labels, shots, seed, names)
     if val is None:  # held out: the tail of each class's seeded order, whose head few_shot takes
         held = _per_class(labels, len(names), seed, lambda n: min(20, max(1, n // 10), n - (shots or 1)), tail=True)
         val, keep = [train[i] for i in held], keep[~torch.isin(keep, held)]
+        if not val:  # no accuracy to measure on an empty split
+            raise DataError(f"{name}: val would be empty: shots={shots or 'all'} takes every training image of each "
+                            f"class into the support set; use fewer shots, or add an official val split")
     train = [train[i] for i in keep]
     if test_per_class:
         t = torch.tensor([label for _, label in test], dtype=torch.long)

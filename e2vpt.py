@@ -111,7 +111,8 @@ class E2VPT(nn.Module):
             tokens = self.dropout(prompts[i].expand(b, -1, -1))  # (B, P', D)
             patches = x[:, 1:] if i == 0 else x[:, 1 + p:]  # (B, N, D): the previous prompt outputs are dropped
             x = torch.cat([x[:, :1], tokens, patches], dim=1)  # (B, 1+P'+N, D)
-            x = blk(x, kv_prompt=self.kv_prompt(i))  # keys and values (B, h, T+1+P'+N, d) inside
+            last = i == len(self.vit.blocks) - 1  # the last block computes the CLS row alone
+            x = blk(x, kv_prompt=self.kv_prompt(i), cls_only=last)  # keys and values (B, h, T+1+P'+N, d) inside
         return self.vit.norm(x)[:, 0]  # (B, D)
 
     def forward(self, images):

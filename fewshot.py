@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+sys.modules.setdefault("fewshot", sys.modules[__name__])  # run as a script, pvp_pretrain's `import fewshot` is this
 import data
 import e2vpt
 import lora
@@ -353,6 +354,8 @@ def finished(path):
     """{key: record} of the runs in a results file; a torn line (a write cut short) is skipped, so it is run again."""
     if not path.exists():
         return {}
+    if not path.is_file():  # a FIFO or a device would be read forever
+        raise UsageError(f"{path} is not a regular file (a re-run reads it whole): move it away, or give another --out")
     records = []
     for line in path.read_text().splitlines():
         try:
@@ -439,14 +442,99 @@ def init_distributed(device):
 def check(cfg):
     """Refuse what cannot work before any time is spent: one UsageError naming the flag and what to do.
     Returns (methods, shots, seeds)."""
+    def need(ok, message):
+        if not ok:
+            raise UsageError(message)
+
+    def listed(flag, text, kind, ok, what):  # a comma list of `kind`, each ok(value)
+        try:
+            values = [kind(v) for v in text.split(",")]
+        except ValueError:
+            values = []
+        need(values and all(map(ok, values)), f"{flag} must be {what}, got {text!r}")
+        return values
+
     methods = list(METHODS) if cfg.method == "all" else cfg.method.split(",")
     unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise UsageError(f"unknown method {', '.join(unknown)}: choose from {', '.join(METHODS)}, or all")
-    if not cfg.lr > 0 or math.isinf(cfg.lr):
-        raise UsageError(f"--lr must be a positive number, got {cfg.lr}")
-    shots = [None] if cfg.shots == "all" else [int(s) for s in cfg.shots.split(",")]
-    seeds = [int(s) for s in cfg.seeds.split(",")]
+    need(not unknown, f"unknown method {', '.join(unknown)}: choose from {', '.join(METHODS)}, or all")
+    lr_max = 1e4  # above it a run only diverges, or overflows AdamW's float32 step (from ~1e37) with a traceback
+    need(0 < cfg.lr <= lr_max, f"--lr must be a positive number, at most {lr_max:g}, got {cfg.lr}")
+    shots = [None] if cfg.shots == "all" else listed("--shots", cfg.shots, int, lambda k: k >= 1,
+                                                     "'all' or a comma list of whole numbers from 1 up")
+    seeds = listed("--seeds", cfg.seeds, int, lambda s: True, "a comma list of whole numbers")
+    need(cfg.grid or (cfg.grid_lr, cfg.grid_wd) == (Config.grid_lr, Config.grid_wd),
+         "--grid-lr and --grid-wd are the grid that --grid searches: add --grid, or drop them")
+    listed("--grid-lr", cfg.grid_lr, float, lambda v: 0 < v <= lr_max, f"a comma list of lrs in (0, {lr_max:g}]")
+    listed("--grid-wd", cfg.grid_wd, float, lambda v: v >= 0, "a comma list of weight decays >= 0")
+    for flag, ok, what in (
+            ("--wd", cfg.wd >= 0 and math.isfinite(cfg.wd), "a number >= 0"), ("--batch", cfg.batch >= 1, "at least 1"),
+            ("--epochs", cfg.epochs >= 1, "at least 1"), ("--warmup", 0 <= cfg.warmup <= 1, "a fraction in [0, 1]"),
+            ("--max-steps", cfg.max_steps is None or cfg.max_steps >= 1, "at least 1 (leave it out for no cap)"),
+            ("--prune-tokens", 0 <= cfg.prune_tokens < 1, "a fraction in [0, 1)"),
+            ("--prune-segments", 0 <= cfg.prune_segments < 1, "a fraction in [0, 1)"),
+            ("--prompts", cfg.prompts >= 1, "at least 1"), ("--kv-prompts", cfg.kv_prompts >= 0, "at least 0"),
+            ("--rank", cfg.rank >= 1, "at least 1"),
+            ("--img-size", cfg.img_size is None or cfg.img_size >= 1, "at least 1")):
+        need(ok, f"{flag} must be {what}, got {getattr(cfg, flag[2:].replace('-', '_'))}")
+    for flag, value, choices in (("--optimizer", cfg.optimizer, ("adamw", "sgd")),
+                                 ("--aug", cfg.aug, (None, "none", "crop_flip")),
+                                 ("--head-init", cfg.head_init, ("zero", "prototype")),
+                                 ("--norm", cfg.norm, (None, *data.NORMS)), ("--arch", cfg.arch, tuple(vitlib.PRESETS))):
+        need(value in choices, f"{flag} {value}: choose one of {', '.join(c for c in choices if c)}")
+    arch = "vit_synthetic" if cfg.weights is None else vitlib.PRETRAINED.get(cfg.weights, {}).get("preset", cfg.arch)
+    patch = getattr(vitlib.PRESETS[arch], "keywords", {}).get("patch_size") or 1
+    need(not cfg.img_size or cfg.img_size % patch == 0,
+         f"--img-size {cfg.img_size} must be a multiple of {patch}, the patch size of {arch}")
+    # the data: a known name, and the flags that go with it
+    name, _, sub = cfg.data.partition(":")
+    need(name in data.DATASETS, f"unknown dataset {name!r} (--data): choose one of {', '.join(data.DATASETS)}")
+    need(name != "synthetic" or not sub or sub in data.SYNTHETIC_TASKS, f"unknown synthetic task {sub!r} (--data "
+         f"synthetic:<task>): choose one of {', '.join(data.SYNTHETIC_TASKS)}, or --data synthetic for all")
+    need(name != "synthetic" or cfg.data_root is None, f"--data-root is for data on disk; the embedded --data {cfg.data} "
+         "has none: drop it")
+    need(not cfg.download or name in data.TORCHVISION, f"--download fetches {', '.join(data.TORCHVISION)} through "
+         f"torchvision, not --data {cfg.data}: drop it")
+    need(cfg.vtab_task is None or name == "vtab1k", f"--vtab-task is for --data vtab1k, not --data {cfg.data}: drop it")
+    if name != "synthetic":
+        need(cfg.data_root is not None, f"--data {name} reads from disk: give its root (--data-root), laid out as "
+             f"{data.LAYOUTS[name]}")
+        need(cfg.download or Path(cfg.data_root).is_dir(), f"--data-root {cfg.data_root} does not exist (or is not a "
+             f"folder): give the folder that holds {data.LAYOUTS[name]}")
+    task = cfg.vtab_task or sub
+    need(name != "vtab1k" or task in data.VTAB_TASKS, (f"--vtab-task {task!r} is not a VTAB-1k task folder: choose"
+         if task else "--data vtab1k needs --vtab-task <folder>,") + f" one of {', '.join(data.VTAB_TASKS)}")
+    need(name != "noah-fewshot" or None not in shots, "--data noah-fewshot reads the list file of each shots and seed: "
+         "give --shots from 1,2,4,8,16, not all")
+    # the checkpoints
+    need(cfg.weights is None or cfg.weights in vitlib.PRETRAINED or Path(cfg.weights).is_file(),
+         f"--weights: no checkpoint file at {cfg.weights}, and not one of the named weights "
+         f"{', '.join(vitlib.PRETRAINED)}")
+    if cfg.pvp_init and "pvp" not in methods:  # harmless (one flag set for many sweeps), but maybe a slip: say so
+        print(f"warning: --pvp-init is where --method pvp starts, and --method {cfg.method} has no pvp: it is ignored",
+              file=sys.stderr)
+    need(cfg.pvp_init is None or Path(cfg.pvp_init).is_file(), f"--pvp-init: no module checkpoint at {cfg.pvp_init}; "
+         "make one with python pvp_pretrain.py --weights <this backbone> --out <path>")
+    need("pvp" not in methods or cfg.pvp_init or cfg.weights is None, "--method pvp with --weights needs --pvp-init: a "
+         "module checkpoint pre-trained on that backbone (python pvp_pretrain.py --weights ...)")
+    # the device
+    try:
+        device = pick_device(cfg.device)
+    except RuntimeError:
+        raise UsageError(f"--device {cfg.device}: not a torch device; use auto, cpu, cuda, cuda:<n> or mps") from None
+    for kind, there in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())):
+        need(device.type != kind or there, f"--device {cfg.device}: no {kind.upper()} here; use cpu or auto")
+    need(not cfg.amp or device.type == "cuda", f"--amp is bf16 autocast on CUDA, and this run is on {device.type}: "
+         "drop --amp")
+    # --out: a folder we can write, whose results.jsonl (if any) is a plain file
+    out, results = Path(cfg.out), Path(cfg.out) / "results.jsonl"
+    need(not out.exists() or out.is_dir(), f"--out {out} is a file, not a folder: give a folder for results.jsonl")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create that folder ({e.strerror}): give one you can write to") from None
+    need(os.access(out, os.W_OK), f"--out {out}: cannot write in that folder: give one you can write to")
+    need(not results.exists() or results.is_file(), f"{results} is not a regular file (a re-run reads it whole): "
+         "move it away, or give another --out")
     return methods, shots, seeds
 
 
@@ -454,14 +542,10 @@ def main(argv=None):
     cfg = parse(argv)
     methods, shots, seeds = check(cfg)
     rank, world, device = init_distributed(cfg.device)  # under torchrun each rank takes every world-th run
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out)  # check() made it
     backbone, backbone_name = load_backbone(cfg.weights, cfg.arch, cfg.img_size)
     backbone_params = count(backbone.parameters())
-    if "pvp" in methods and cfg.pvp_init is None:
-        if cfg.weights is not None:
-            raise UsageError("--method pvp with --weights needs --pvp-init: a module checkpoint pre-trained on that "
-                             "backbone (python pvp_pretrain.py --weights ...)")
+    if "pvp" in methods and cfg.pvp_init is None:  # the embedded backbone (check() refused --weights without it)
         import pvp_pretrain
         cfg = dataclasses.replace(cfg, pvp_init=str(pvp_pretrain.embedded_pvp(backbone)))
     protocol = {k: getattr(cfg, k) for k in PROTOCOL}
@@ -517,7 +601,8 @@ def main(argv=None):
                     bar.update()
     except KeyboardInterrupt:
         bar.close()
-        print(f"\ninterrupted: every finished run is in {results}; run the same command again to go on")
+        print(f"\ninterrupted: every finished run is in {results}; run the same command again to go on",
+              file=sys.stderr)
         return 130
     bar.close()
     if world > 1:  # rank 0 waits for every rank, then reads the merged file and writes the table once
@@ -531,6 +616,8 @@ def main(argv=None):
     records = [r for r in done.values() if r["key"].endswith(tag) and r["method"] in methods
                and r["shots"] in [k or "all" for k in shots] and r["seed"] in seeds]
     table = summarize(records, methods, backbone_params)
+    if failed := sum(r["status"] != "ok" for r in records):
+        print(f"{failed} runs failed (their lines in {results} say why); the table leaves them out", file=sys.stderr)
     print(table)
     try:
         (out / "summary.md").write_text(f"{cfg.data}, backbone {backbone_name}\n\n{table}\n")
@@ -545,7 +632,19 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    def fail(message, code=1):  # one message on stderr, on a line of its own below any progress bar left open
+        for bar in list(getattr(tqdm, "_instances", [])):
+            bar.close()
+        print(message, file=sys.stderr)
+        sys.exit(code)
+
+    results = Path(parse().out) / "results.jsonl"  # for the messages below (a flag argparse cannot read exits here)
     try:
         sys.exit(main())
     except (UsageError, data.DataError, vitlib.CheckpointError) as e:
-        sys.exit(f"error: {e}")
+        fail(f"error: {e}")
+    except KeyboardInterrupt:  # outside the sweep's own handler: loading, or writing the table
+        fail(f"interrupted: every run finished so far is in {results}; run the same command again to go on", 130)
+    except OSError as e:  # a write that failed (a full disk, a folder we may not write); append() names its file
+        fail(f"error: cannot write {e.filename or results}: {e.strerror or e}. The runs finished before it are kept "
+             f"in {results}: free some space (or fix the permissions) and run the same command again")

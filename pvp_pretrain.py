@@ -23,7 +23,9 @@ fewshot.py runs the first two by itself when their files are missing.
 import argparse
 import hashlib
 import json
+import math
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, safe_open, save_file
+from tqdm import tqdm
 
 import data
 import e2vpt
@@ -82,8 +85,9 @@ def read_module(path, backbone):
         raise vitlib.CheckpointError(f"{path}: not a readable module checkpoint ({e}); make one with "
                                      "python pvp_pretrain.py") from None
     if not meta or meta.get("method") not in MODULES:
-        raise vitlib.CheckpointError(f"{path}: a .safetensors file without nanoPETL's module header; make one with "
-                                     "python pvp_pretrain.py")
+        raise vitlib.CheckpointError(f"{path}: a .safetensors file without nanoPETL's module header (a backbone? "
+                                     "that goes to --weights); make a module checkpoint with python pvp_pretrain.py "
+                                     "--weights <the backbone>")
     if meta["backbone_hash"] != weights_hash(backbone):
         raise vitlib.CheckpointError(
             f"{path} was pre-trained on backbone {meta['backbone']} (weights {meta['backbone_hash']}), not on this one "
@@ -130,9 +134,15 @@ def pretrain(args, backbone=None, backbone_name="vit_synthetic"):
                          optimizer=args.optimizer, amp=args.amp, max_steps=0)
     resume, start, opt_state = Path(str(args.out) + ".resume"), 0, None
     if args.resume and resume.exists():
-        state = torch.load(resume, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"]) if args.backbone else model.load_module_state_dict(state["model"])
-        start, opt_state = state["epoch"] + 1, state["optimizer"]
+        try:
+            state = torch.load(resume, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"]) if args.backbone else model.load_module_state_dict(state["model"])
+            start, opt_state = state["epoch"] + 1, state["optimizer"]
+        except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, TypeError, EOFError) as e:
+            why = ("Pickled objects are refused, since loading them can run code" if isinstance(e, pickle.UnpicklingError)
+                   else "Written by another run (another --method, --prompts, --rank or backbone), or damaged")
+            raise vitlib.CheckpointError(f"{resume}: not the resume file of this run ({vitlib.error_line(e)}). {why}: "
+                                         "delete it to start over, or re-run with the flags that wrote it") from None
         print(f"resuming {args.out} after epoch {start} of {args.epochs}")
 
     def on_epoch(epoch, opt):
@@ -227,23 +237,62 @@ def parse(argv):
     return args
 
 
+def check(args):
+    """Refuse flags that cannot work before any time is spent: one fewshot.UsageError naming the flag."""
+    def need(ok, message):
+        if not ok:
+            raise fewshot.UsageError(message)
+
+    need(not (args.backbone and args.weights), "--backbone trains the embedded ViT from scratch; it takes no --weights")
+    for flag in ("epochs", "batch", "per_class", "prompts", "rank"):
+        need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    need(args.kv_prompts >= 0, f"--kv-prompts must be at least 0, got {args.kv_prompts}")
+    need(0 < args.lr and math.isfinite(args.lr), f"--lr must be a positive number, got {args.lr}")
+    need(args.wd >= 0 and math.isfinite(args.wd), f"--wd must be a number >= 0, got {args.wd}")
+    need(0 <= args.warmup <= 1, f"--warmup must be a fraction in [0, 1], got {args.warmup}")
+    need(args.data_root is None or not args.data.startswith("synthetic"), f"--data-root is for a source on disk "
+         f"(--data imagenet, imagefolder, ...); the embedded --data {args.data} has none: drop it")
+    need(args.out is None or not Path(args.out).is_dir(), f"--out {args.out} is a folder: give the checkpoint's file "
+         f"name, e.g. {Path(args.out or '.') / 'pvp.safetensors'}")
+    try:
+        device = fewshot.pick_device(args.device)
+    except RuntimeError:
+        raise fewshot.UsageError(f"--device {args.device}: not a torch device; use auto, cpu, cuda or mps") from None
+    need(not args.amp or device.type == "cuda", f"--amp is bf16 autocast on CUDA, and this run is on {device.type}: "
+         "drop --amp")
+
+
 def main(argv=None):
     args = parse(argv)
-    if args.backbone and args.weights:
-        raise fewshot.UsageError("--backbone trains the embedded ViT from scratch; it takes no --weights")
+    check(args)
     args.device = str(fewshot.init_distributed(args.device)[2])  # under torchrun: DDP, one device per rank
     backbone, name = (None, None) if args.backbone else fewshot.load_backbone(args.weights, args.arch)
     if args.out is None:  # checkpoints/vit_synthetic.safetensors, or e.g. checkpoints/pvp_vpt_ViT-B_16.safetensors
         args.out = CHECKPOINTS / ("vit_synthetic" if args.backbone else f"pvp_{args.method}_{Path(name.split(':')[-1]).stem}")
         args.out = str(args.out) + ".safetensors"
-    pretrain(args, backbone, name)
+    try:
+        pretrain(args, backbone, name)
+    except KeyboardInterrupt:
+        resume = Path(str(args.out) + ".resume")
+        print("\ninterrupted: " + (f"{resume} holds the last finished epoch; run the same command with --resume to go "
+              "on" if resume.exists() else "no epoch had finished; run the same command again"), file=sys.stderr)
+        return 130
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
+    def fail(message):  # one line on stderr, below any progress bar left open
+        for bar in list(getattr(tqdm, "_instances", [])):
+            bar.close()
+        sys.exit(message)
+
     try:
         sys.exit(main())
     except (fewshot.UsageError, data.DataError, vitlib.CheckpointError) as e:
-        sys.exit(f"error: {e}")
+        fail(f"error: {e}")
+    except OSError as e:  # a full disk or a folder we may not write, while saving the checkpoint or its resume file
+        fail(f"error: cannot write {e.filename or 'the checkpoint'}: {e.strerror or e}. The resume file beside the "
+             "checkpoint (<out>.resume) keeps the last epoch saved: free some space, then run the same command with "
+             "--resume")

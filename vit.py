@@ -10,10 +10,12 @@ Parameter names are timm's, so a timm state dict loads as it is; `load_pretraine
 `.npz` (the ImageNet-21k ViT-B/16 of VPT, E2VPT and PVP) and torchvision's `vit_b_16` layout.
 
 Three seams for the methods (vpt.py, e2vpt.py, lora.py wrap this model, never copy it):
-    vit.embed(images) -> tokens, then `for blk in vit.blocks: x = blk(x, kv_prompt=...)`, then vit.norm, vit.head.
+    vit.embed(images) -> tokens, then `for blk in vit.blocks: x = blk(x, kv_prompt=...)`, then vit.norm, vit.head;
+    the last block takes cls_only=True, as only its CLS row is read (`ViT.features`).
 run: python vit.py      (parameter counts of the presets and an output shape)
 """
 import hashlib
+import json
 import math
 import os
 import pickle
@@ -28,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from safetensors import SafetensorError
 
 # -----------------------------------------------------------------------------
 # the model
@@ -40,15 +43,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)  # fused: rows are q | k | v, each (heads, head_dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, kv_prompt=None):
+    def forward(self, x, kv_prompt=None, queries=None):
         # kv_prompt (E2VPT): (key_prompt, value_prompt), each (heads, T, head_dim), joined to K and V after
-        # their projections; the output keeps the queries' length N.
+        # their projections; the output keeps the queries' length N. queries=Q: only the first Q tokens ask.
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)  # 3 x (B, h, N, d)
+        q = q[:, :, :queries]  # (B, h, Q, d)
         if kv_prompt is not None:
             pk, pv = (p.expand(x.shape[0], *p.shape) for p in kv_prompt)  # (B, h, T, d)
             k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, h, T+N, d)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
-        return self.proj(rearrange(x, "b h n d -> b n (h d)"))  # (B, N, D)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, h, Q, d)
+        return self.proj(rearrange(x, "b h n d -> b n (h d)"))  # (B, Q, D)
 
 
 class Mlp(nn.Module):
@@ -66,8 +70,11 @@ class Block(nn.Module):
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, kv_prompt=None):
-        x = x + self.attn(self.norm1(x), kv_prompt)
+    def forward(self, x, kv_prompt=None, cls_only=False):
+        # cls_only (the last block): only the CLS row is read after it, so only it queries, and the projection and
+        # the MLP run on that row alone -- the same CLS output for about a quarter of the block's arithmetic.
+        q = 1 if cls_only else None
+        x = x[:, :q] + self.attn(self.norm1(x), kv_prompt, queries=q)  # (B, N or 1, D)
         return x + self.mlp(self.norm2(x))
 
 
@@ -121,8 +128,8 @@ class ViT(nn.Module):
 
     def features(self, images):
         x = self.embed(images)
-        for blk in self.blocks:
-            x = blk(x)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, cls_only=i == len(self.blocks) - 1)
         return self.norm(x)[:, 0]  # (B, D): the final-norm CLS token
 
     def forward(self, images):
@@ -181,27 +188,48 @@ def download(name):
     return part.rename(path)
 
 
+def error_line(e):
+    """The line of a loader's exception that says what is wrong: torch's weights_only refusal puts it under advice
+    (to load unsafely) that must not be passed on."""
+    lines = [re.sub(r"\x1b\[\d*m", "", line).strip() for line in str(e).splitlines() if line.strip()]
+    said = [line.split(" Please use")[0] for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (said or lines or [type(e).__name__])[0]
+
+
 def read_checkpoint(path):
     """Tensors from .npz (no pickle), .safetensors, or .pth/.pt/.bin (torch.load with weights_only)."""
-    path = Path(path)
+    path, module = Path(path), None
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint file at {path}")
+        raise CheckpointError(f"no checkpoint file at {path}: give the path of a checkpoint file, or one of the named "
+                              f"weights {', '.join(PRETRAINED)}")
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as npz:
                 return {k: torch.from_numpy(np.ascontiguousarray(npz[k])) for k in npz.files}
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(path)
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, ValueError, RuntimeError, OSError, zipfile.BadZipFile, EOFError) as e:
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path}: not a readable checkpoint of plain tensors ({why}). Pickled objects and "
-                              "object arrays are refused, since loading them can run code: re-save the state dict "
+            from safetensors.torch import load_file, safe_open
+            with safe_open(path, "pt") as f:  # pvp_pretrain.py's module checkpoints say so in their header
+                meta = json.loads((f.metadata() or {}).get("nanopetl", "{}"))
+            module = meta.get("method") if isinstance(meta, dict) else None
+            sd = None if module else load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, ValueError, RuntimeError, OSError, zipfile.BadZipFile, EOFError,
+            SafetensorError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint of plain tensors ({error_line(e)}). Pickled objects "
+                              "and object arrays are refused, since loading them can run code: re-save the state dict "
                               "alone, e.g. torch.save(model.state_dict(), path)") from None
+    if module:
+        raise CheckpointError(f"{path} is a {module} module checkpoint made by pvp_pretrain.py, not a backbone: pass "
+                              "it as --pvp-init, and the backbone it was pre-trained on as --weights")
     for wrapper in ("model", "state_dict", "module"):  # training checkpoints often nest the state dict
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        what = type(sd).__name__ if not isinstance(sd, dict) else "a dict with " + ", ".join(
+            sorted({type(v).__name__ for v in sd.values() if not isinstance(v, torch.Tensor)})) + " values"
+        raise CheckpointError(f"{path}: not a state dict (a dict of tensors) but {what}: re-save it with "
+                              "torch.save(model.state_dict(), path)")
     return sd
 
 
@@ -256,7 +284,10 @@ def load_pretrained(model, source, verbose=True):
     if isinstance(source, str) and source in PRETRAINED:
         source = download(source)
     where = "state dict" if isinstance(source, dict) else str(source)
-    sd, layout = to_timm_names(source if isinstance(source, dict) else read_checkpoint(source))
+    try:
+        sd, layout = to_timm_names(source if isinstance(source, dict) else read_checkpoint(source))
+    except KeyError as e:  # a Google .npz with a tensor missing
+        raise CheckpointError(f"{where}: a Google .npz layout without {e}: an incomplete or foreign file") from None
     sd = {k: v for k, v in sd.items() if not k.startswith("pre_logits")}  # IN21k's tanh layer; no method uses it
     target, notes = model.state_dict(), []
     if sd.get("patch_embed.proj.weight", torch.empty(0)).dim() == 4:  # a conv kernel (D, C, p, p) -> (D, C*p*p)
@@ -276,7 +307,9 @@ def load_pretrained(model, source, verbose=True):
     if problems:
         more = f"; ... and {len(problems) - 8} more" if len(problems) > 8 else ""
         raise CheckpointError(f"{where} ({layout} layout) does not fit this ViT (dim {model.dim}, depth "
-                              f"{len(model.blocks)}, patch {model.patch_size}): " + "; ".join(problems[:8]) + more)
+                              f"{len(model.blocks)}, patch {model.patch_size}): " + "; ".join(problems[:8]) + more +
+                              f". Saved from another architecture? Build the model of its preset (fewshot.py --arch: "
+                              f"{', '.join(PRESETS)})")
     model.load_state_dict({**target, **sd}, strict=True)  # a head left out keeps the model's own initialisation
     if verbose:
         print(f"loaded {where} ({layout} layout, {len(sd)} tensors){': ' if notes else ''}{'; '.join(notes)}")

@@ -65,7 +65,7 @@ class VPT(nn.Module):
                 prompts = self.dropout(self.prompts[i].expand(b, -1, -1))  # (B, p, D), a dropout mask per image
                 patches = x[:, 1:] if i == 0 else x[:, 1 + p:]  # (B, N, D): the previous prompt outputs are dropped
                 x = torch.cat([x[:, :1], prompts, patches], dim=1)  # (B, 1+p+N, D)
-            x = blk(x)
+            x = blk(x, cls_only=i == len(self.vit.blocks) - 1)  # the last block: the CLS row alone
         return self.vit.norm(x)[:, 0]  # (B, D)
 
     def forward(self, images):
