@@ -212,12 +212,12 @@ def train(model, split, task, cfg, device, *, seed, lr=None, desc="train", start
     warm, epochs = int(cfg.warmup * total), math.ceil(total / per_epoch)
     schedule = lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, total - warm)))
     model.train()
-    bar = tqdm(total=total, initial=start_epoch * per_epoch, desc=desc, leave=False, dynamic_ncols=True)
+    t = start_epoch * per_epoch  # the step; not the bar's count, which stays 0 under TQDM_DISABLE=1
+    bar = tqdm(total=total, initial=t, desc=desc, leave=False, dynamic_ncols=True)
     for epoch in range(start_epoch, epochs):
         torch.manual_seed(seed * 100_003 + epoch)  # dropout draws
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)  # order and augmentation
         for x, y in batches(split, task, device, min(cfg.batch, len(split)), train=True, generator=g, rank=rank, world=world):
-            t = bar.n
             if t >= total:
                 break
             for group in opt.param_groups:
@@ -230,6 +230,7 @@ def train(model, split, task, cfg, device, *, seed, lr=None, desc="train", start
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            t += 1
             bar.update(), bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if on_epoch:
             on_epoch(epoch, opt)

@@ -1,5 +1,6 @@
 """fewshot.py and pvp_pretrain.py end to end on a micro world: a random vit_synthetic backbone saved to disk,
 one embedded task, one shot, one seed, one epoch, so each run takes a second or two."""
+import functools
 import json
 import os
 import shutil
@@ -300,3 +301,19 @@ def test_grid_picks_the_lr_that_wins_on_val_and_records_it(world, tmp_path, monk
     best = max(grid, key=lambda g: (g[2], -g[0]))
     assert best[0] == 5e-2 and records[0]["chosen"] == dict(lr=best[0], wd=best[1]) == records[1]["chosen"]
     assert all("test_top1" in r for r in records) and records[0]["protocol"]["grid"] is True
+
+
+def test_training_counts_its_own_steps_with_progress_bars_disabled(monkeypatch):
+    """The step (lr schedule, max-steps stop) once came from the tqdm bar, which stays at 0 under TQDM_DISABLE=1."""
+    torch.manual_seed(0)
+    backbone = vit.vit_synthetic(num_classes=0)
+    [task] = data.load_task("synthetic:shape", shots=1, seed=0)
+    cfg = fewshot.parse(["--weights", "x", "--max-steps", "20", "--method", "vpt"])
+    seen = []
+    real = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a: (seen.append(self.param_groups[0]["lr"]), real(self, *a))[1])
+    shown, _ = fewshot.fit("vpt", task, backbone, cfg, torch.device("cpu"), seed=0)
+    monkeypatch.setattr(fewshot, "tqdm", functools.partial(fewshot.tqdm, disable=True))  # as TQDM_DISABLE=1 does
+    hidden, _ = fewshot.fit("vpt", task, backbone, cfg, torch.device("cpu"), seed=0)
+    assert len(seen) == 40 and seen[:20] == seen[20:] and seen[0] < seen[1]  # 20 steps each, the same warmup + cosine
+    torch.testing.assert_close(hidden.prompts, shown.prompts, atol=0, rtol=0)
