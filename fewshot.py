@@ -14,8 +14,10 @@ Protocol (printed at start and saved in every line): NOAH's few-shot recipe (met
 with no batch scaling, wd 1e-4, batch 64, 100 epochs, 10 warmup then cosine -- without its RandAugment, mixup and
 cutmix; the crop + flip of the data's protocol instead. The embedded world caps training at --max-steps (see
 EMBEDDED) so a sweep fits a CPU. One recipe for every method, except `full` (lr x 0.1: full fine-tuning at a
-prompt's lr wrecks the backbone; VPT's paper also tunes it separately). Runs report the last step: test is never
-used to select anything; val is measured and saved for choosing hyper-parameters.
+prompt's lr wrecks the backbone; VPT's paper also tunes it separately) and `linear`, whose frozen backbone runs
+once: its head trains on the features of the centre-cropped support set (no crop + flip), as linear probes do.
+Runs report the last step: test is never used to select anything; val is measured and saved for choosing
+hyper-parameters. Evaluation runs in bf16 autocast on CUDA (--amp adds it to training).
 Output in --out: results.jsonl (appended and flushed per run; a re-run skips what is done), summary.md, and with
 --plot accuracy_vs_shots.png. This file also holds the one training loop that pvp_pretrain.py imports.
 """
