@@ -562,7 +562,7 @@ def main(argv=None):
     plan = [(k, s) for k in shots for s in seeds]
     total = len(plan) * len(methods) * (5 if cfg.data == "synthetic" else 1)
     chosen = {}  # --grid: (method, task, shots) -> (config, grid)
-    bar, n, busy = tqdm(total=total, desc="runs" if world == 1 else f"runs of rank {rank}", dynamic_ncols=True), -1, 0
+    bar, n, planned = tqdm(total=total, desc="runs" if world == 1 else f"runs of rank {rank}", dynamic_ncols=True), -1, []
     try:
         for k, s in plan:
             tasks = data.load_task(cfg.data, cfg.data_root, shots=k, seed=s, img_size=cfg.img_size or backbone.img_size,
@@ -571,12 +571,13 @@ def main(argv=None):
                 task.train_aug = cfg.aug or task.train_aug
                 for m in methods:
                     key, n = f"{m}|{task.name}|{k or 'all'}|{s}|{tag}", n + 1
+                    planned.append(key)
                     if key in done or n % world != rank:
                         bar.update()
                         continue
                     lock = claim(out, key)
                     if lock is None or key in (done := done | finished(results)):  # another sweep has it or did it
-                        busy += lock is None
+                        lock and lock.close()
                         bar.update()
                         continue
                     bar.set_description(f"{m} {task.name} {k or 'all'}-shot seed {s}")
@@ -613,9 +614,9 @@ def main(argv=None):
         if rank != 0:
             return 0
     done = finished(results)  # with what other ranks, or another sweep on this --out, wrote
-    if busy:
-        print(f"{busy} runs were running in another sweep on {out}; when it ends, run this command again for the "
-              "full table")
+    if missing := [key for key in planned if key not in done]:
+        print(f"{len(missing)} runs are not in {results} yet: another sweep on {out} is running them; when it ends, "
+              "run this command again for the full table", file=sys.stderr)
     records = [r for r in done.values() if r["key"].endswith(tag) and r["method"] in methods
                and r["shots"] in [k or "all" for k in shots] and r["seed"] in seeds]
     table = summarize(records, methods, backbone_params)

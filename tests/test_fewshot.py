@@ -317,3 +317,18 @@ def test_training_counts_its_own_steps_with_progress_bars_disabled(monkeypatch):
     hidden, _ = fewshot.fit("vpt", task, backbone, cfg, torch.device("cpu"), seed=0)
     assert len(seen) == 40 and seen[:20] == seen[20:] and seen[0] < seen[1]  # 20 steps each, the same warmup + cosine
     torch.testing.assert_close(hidden.prompts, shown.prompts, atol=0, rtol=0)
+
+
+def test_a_run_claimed_by_another_sweep_is_skipped_and_reported(world, tmp_path, capsys):
+    assert fewshot.main(args(world, tmp_path, "--method", "linear,vpt")) == 0
+    first = lines(tmp_path)
+    (tmp_path / "results.jsonl").unlink()
+    held = fewshot.claim(tmp_path, first[0]["key"])  # as another sweep on this --out training that run would
+    assert held is not None and fewshot.claim(tmp_path, first[0]["key"]) is None
+    capsys.readouterr()
+    assert fewshot.main(args(world, tmp_path, "--method", "linear,vpt")) == 0
+    assert [r["method"] for r in lines(tmp_path)] == ["vpt"]
+    assert "1 runs are not in" in capsys.readouterr().err
+    held.close()  # the other sweep ends: the claim is free again
+    assert fewshot.main(args(world, tmp_path, "--method", "linear,vpt")) == 0
+    assert sorted(r["method"] for r in lines(tmp_path)) == ["linear", "vpt"]
