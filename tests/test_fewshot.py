@@ -230,7 +230,7 @@ def test_pretraining_killed_and_resumed_equals_uninterrupted(world, tmp_path):
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
 def test_torchrun_two_processes_write_one_checkpoint(world, tmp_path):
     out = tmp_path / "ddp.safetensors"
-    r = subprocess.run(["torchrun", "--nproc_per_node=2", "--master_port=29517", "pvp_pretrain.py",
+    r = subprocess.run(["torchrun", "--nproc_per_node=2", "--standalone", "pvp_pretrain.py",
                         *pretrain_argv(world, out, epochs=1)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert out.exists() and set(load_file(out)) == {"prompts"}
@@ -260,7 +260,7 @@ def test_torchrun_sweep_shards_runs_and_rank0_writes_the_table(world, tmp_path):
     single, ranks = tmp_path / "single", tmp_path / "ranks"
     sweep = lambda out: [a if a != "1" else "1,2" for a in args(world, out, "--method", "linear,vpt", "--seeds", "0,1")]
     assert fewshot.main(sweep(single)) == 0
-    r = subprocess.run(["torchrun", "--nproc_per_node=2", "--master_port=29519", "fewshot.py", *sweep(ranks)],
+    r = subprocess.run(["torchrun", "--nproc_per_node=2", "--standalone", "fewshot.py", *sweep(ranks)],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     keys = [rec["key"] for rec in lines(ranks)]
