@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, safe_open, save_file
-from tqdm import tqdm
 
 import data
 import e2vpt
@@ -239,10 +238,7 @@ def parse(argv):
 
 def check(args):
     """Refuse flags that cannot work before any time is spent: one fewshot.UsageError naming the flag."""
-    def need(ok, message):
-        if not ok:
-            raise fewshot.UsageError(message)
-
+    need = fewshot.need
     need(not (args.backbone and args.weights), "--backbone trains the embedded ViT from scratch; it takes no --weights")
     for flag in ("epochs", "batch", "per_class", "prompts", "rank"):
         need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -283,11 +279,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    def fail(message):  # one line on stderr, below any progress bar left open
-        for bar in list(getattr(tqdm, "_instances", [])):
-            bar.close()
-        sys.exit(message)
-
+    fail = fewshot.fail
     try:
         sys.exit(main())
     except (fewshot.UsageError, data.DataError, vitlib.CheckpointError) as e:

@@ -50,7 +50,7 @@ def main():
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, fp32 CPU, median of at least {args.repeats} "
           f"repeats and {args.seconds:.0f} s per row")
-    print(f"| model | pass | batch | ours img/s | timm img/s | ours/timm |\n|---|---|---|---|---|---|")
+    print("| model | pass | batch | ours img/s | timm img/s | ours/timm |\n|---|---|---|---|---|---|")
     for name, (preset, kw, batch) in CONFIGS.items():
         if args.only not in name:
             continue

@@ -2,7 +2,6 @@
 checkpoint format (Google .npz, timm, torchvision), and fewshot.py / pvp_pretrain.py run through their command
 lines on them. The runs must take the class count and normalisation from the data, not from the embedded world."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,13 +1,11 @@
 """vit.py: parity with timm and torchvision, every checkpoint layout, resampling, refusals, the download path."""
 import hashlib
-import pickle
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
 import torchvision
 from timm.models.vision_transformer import VisionTransformer, _load_weights, checkpoint_filter_fn
