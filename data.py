@@ -30,6 +30,7 @@ Food-101 test set (30,300) takes 4.6 GB, Flowers-102's (6,149) 0.9 GB, and a 32 
 (default 8) load_task stops and says how to go on (test_per_class=N, a smaller img_size, or a larger limit).
 """
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -523,9 +524,21 @@ def load_task(name="synthetic", root=None, *, shots=None, seed=0, img_size=None,
               for s, items, crop in (("train", train, train_side), ("val", val, size), ("test", test, size))]
     meta = dict(dataset=name, root=str(root), protocol=protocol, norm=norm, shots=shots, seed=seed,
                 val="official" if "val" in found else "held out from train", test_per_class=test_per_class,
-                sizes=dict(zip(("train", "val", "test"), map(len, splits))), classes=names, **found.get("meta", {}))
+                sizes=dict(zip(("train", "val", "test"), map(len, splits))), classes=names, **found.get("meta", {}),
+                fingerprint=fingerprint(root, [train, val, test], names))
     return [Task(f"vtab1k:{vtab_task or sub}" if name == "vtab1k" else name, len(names), *splits, size,
                  *NORMS[norm], train_aug, meta)]
+
+def fingerprint(root, splits, names=()):
+    """A short hash of what a task read: for files, each split's (path relative to root, label) and the class
+    names; for rendered splits, their pixels and labels (so a change to the renderer is a new task)."""
+    h = hashlib.sha1(json.dumps(list(names)).encode())
+    for s in splits:
+        if isinstance(s, Split):
+            h.update(s.images.contiguous().numpy().tobytes()), h.update(s.labels.numpy().tobytes())
+        else:
+            h.update(json.dumps([(os.path.relpath(p, root), y) for p, y in s]).encode())
+    return h.hexdigest()[:16]
 
 def _synthetic_task(name, shots, seed, img_size, norm, world_seed):
     world, pools = _world_pools(name, world_seed)
@@ -535,7 +548,7 @@ def _synthetic_task(name, shots, seed, img_size, norm, world_seed):
         splits = [Split(F.interpolate(s.images.float(), size=img_size, mode="bilinear", antialias=True)
                         .round().clamp(0, 255).byte(), s.labels) for s in splits]
     meta = dict(dataset="synthetic", task=name, world_seed=world_seed, shots=shots, seed=seed, norm=norm,
-                sizes=dict(zip(("train", "val", "test"), map(len, splits))),
+                sizes=dict(zip(("train", "val", "test"), map(len, splits))), fingerprint=fingerprint(None, splits),
                 classes=[world.describe(c) for c in range(world.num_classes)])
     return Task(f"synthetic:{name}", world.num_classes, *splits, img_size, *NORMS[norm], "none", meta)
 

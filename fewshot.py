@@ -6,31 +6,47 @@ Few-shot evaluation of PETuning methods: methods x datasets x shots x seeds, one
     python fewshot.py --weights vit_b16_in21k --data noah-fewshot --data-root data/oxford-flowers102 --method vpt
     python fewshot.py --weights vit_b16_in21k --data vtab1k --data-root data/vtab-1k --vtab-task dtd --shots all \
         --grid --optimizer sgd --lr-scale --method vpt          # VPT's protocol: lr x wd on train800 -> val200
+    python fewshot.py --method vpt,lora --opt dropout=0.0   # a method's own constructor options, by name
     torchrun --nproc_per_node=8 fewshot.py ...              # a sweep over 8 GPUs: each rank takes every 8th run
-With no --weights the embedded backbone is used, and `pvp` with no --pvp-init the embedded PVP prompts; whichever
-is missing is built first by pvp_pretrain.py's code and cached under checkpoints/.
+With no --weights the embedded backbone is used, and `pvp` with no --pvp-init the embedded PVP prompts, which are
+pre-trained first (by running pvp_pretrain.py) when missing and cached under checkpoints/.
 
-Protocol (printed at start and saved in every line): NOAH's few-shot recipe (methods.md 6.3) -- AdamW, lr 5e-3
-with no batch scaling, wd 1e-4, batch 64, 100 epochs, 10 warmup then cosine -- without its RandAugment, mixup and
-cutmix; the crop + flip of the data's protocol instead. The embedded world caps training at --max-steps (see
-EMBEDDED) so a sweep fits a CPU. One recipe for every method, except `full` (lr x 0.1: full fine-tuning at a
-prompt's lr wrecks the backbone; VPT's paper also tunes it separately) and `linear`, whose frozen backbone runs
-once: its head trains on the features of the centre-cropped support set (no crop + flip), as linear probes do.
-Runs report the last step: test is never used to select anything; val is measured and saved for choosing
-hyper-parameters. Evaluation runs in bf16 autocast on CUDA (--amp adds it to training).
-Output in --out: results.jsonl (appended and flushed per run; a re-run skips what is done), summary.md, and with
---plot accuracy_vs_shots.png. This file also holds the one training loop that pvp_pretrain.py imports.
+Protocol (printed at start and saved in every line): NOAH's few-shot recipe (ZhangYuanhan-AI/NOAH,
+configs/*/few-shot/*.sh) -- AdamW, lr 5e-3 with no batch scaling, wd 1e-4, batch 64, 100 epochs, 10 warmup then
+cosine -- without its RandAugment, mixup and cutmix; the crop + flip of the data's protocol instead. The embedded
+world caps training at --max-steps (see EMBEDDED) so a sweep fits a CPU. One recipe for every method, except `full`
+(lr x 0.1: full fine-tuning at a prompt's lr wrecks the backbone; VPT's paper also tunes it separately) and
+`linear`, whose frozen backbone runs once: its head trains on the features of the centre-cropped support set (no
+crop + flip), as linear probes do. Runs report the last step: test is never used to select anything; val is
+measured and saved for choosing hyper-parameters. Evaluation runs in bf16 autocast on CUDA (--amp adds it to
+training).
+
+A method is a class in the METHODS registry; its keyword-only constructor options are its options (--opt
+NAME=VALUE, and --prompts, --kv-prompts, --rank for the built-in ones). `pvp` builds the module type its checkpoint
+records, with that checkpoint's options, and follows that type's recipe (an E2VPT module is pruned and rewound).
+Output in --out: results.jsonl (one line per run, appended and flushed as it finishes), summary.md, and with --plot
+accuracy_vs_shots.png. A line's key covers everything that makes its numbers (see run_identity): a re-run of the
+same command skips what is done, and a changed dataset, backbone file, module checkpoint or option runs anew. The
+table shows exactly this command's runs. This file also holds the one training loop and the module checkpoint
+format that pvp_pretrain.py imports.
 """
 import argparse
+import ast
 import copy
 import dataclasses
 import datetime
+import errno
 import fcntl
+import functools
 import hashlib
+import inspect
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,15 +55,19 @@ import torch
 import torch.nn as nn
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import load_file, safe_open, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-sys.modules.setdefault("fewshot", sys.modules[__name__])  # run as a script, pvp_pretrain's `import fewshot` is this
 import data
 import e2vpt
 import lora
 import vit as vitlib
 import vpt
+
+HERE = Path(__file__).resolve().parent
+CHECKPOINTS = HERE / "checkpoints"  # built pieces, git-ignored
+SHIPPED_BACKBONE = HERE / "assets" / "vit_synthetic.safetensors"  # the embedded backbone, in the repository
 
 # -----------------------------------------------------------------------------
 # the protocol: every knob a flag, printed and saved
@@ -65,6 +85,8 @@ class Config:
     weights: str = field(default=None, metadata={"help": "a vit.PRETRAINED name or a checkpoint path; none = embedded"})
     arch: str = field(default="vit_base_patch16", metadata={"help": f"preset for --weights: {', '.join(vitlib.PRESETS)}"})
     pvp_init: str = field(default=None, metadata={"help": "module checkpoint for `pvp` (none = the embedded one)"})
+    opt: list = field(default=None, metadata={"help": "NAME=VALUE, a method's constructor option (repeat the flag for "
+                                                      "more); each goes to the methods that take it"})
     optimizer: str = field(default="adamw", metadata={"help": "adamw (NOAH) or sgd (VPT: momentum 0.9)"})
     lr: float = field(default=5e-3, metadata={"help": "base learning rate"})
     grid: bool = field(default=False, metadata={"help": "choose lr x wd on val first (vtab1k: train800 -> val200), "
@@ -82,12 +104,13 @@ class Config:
     aug: str = field(default=None, metadata={"help": "none or crop_flip; default per data protocol"})
     img_size: int = field(default=None, metadata={"help": "input side; default: the backbone's"})
     head_init: str = field(default="zero", metadata={"help": "zero, or prototype: the support set's normalised class means"})
-    prompts: int = field(default=10, metadata={"help": "VPT prompt tokens per layer (NOAH: 100)"})
-    kv_prompts: int = field(default=5, metadata={"help": "E2VPT key-value prompt tokens per layer"})
+    prompts: int = field(default=None, metadata={"help": "prompt tokens per layer, num_prompts (vpt, e2vpt; default 10; "
+                                                         "NOAH: 100)"})
+    kv_prompts: int = field(default=None, metadata={"help": "E2VPT key-value prompts per layer, num_kv_prompts (default 5)"})
     prune_tokens: float = field(default=0.5, metadata={"help": "E2VPT: fraction of visual prompt tokens pruned"})
     prune_segments: float = field(default=0.25, metadata={"help": "E2VPT: fraction of each token's segments pruned"})
-    rank: int = field(default=8, metadata={"help": "LoRA rank (alpha = rank)"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda -> mps -> cpu), or a torch device"})
+    rank: int = field(default=None, metadata={"help": "LoRA rank (default 8; alpha = rank unless --opt alpha=...)"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda -> mps -> cpu), or cpu, cuda, cuda:<n>, mps"})
     amp: bool = field(default=False, metadata={"help": "bf16 autocast in training too (CUDA only; eval always uses it)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model for training and evaluation"})
     out: str = field(default="runs/fewshot", metadata={"help": "output folder"})
@@ -95,11 +118,12 @@ class Config:
 
 
 # The embedded world's departures from NOAH. Chosen on its val pools (seed 0, shots 1 and 16, linear/vpt/lora):
-# lr 5e-3 beat 1e-3 and 2e-2, and 100 steps beat 50 and tied 200. With today's backbone 200 steps edges 100 by
-# 0.37 points of val; kept at 100, half the time (README, "How the embedded defaults were chosen").
+# lr 5e-3 beat 1e-3 and 2e-2, and 100 steps beat 50 and tied 200 (README, "How the embedded defaults were chosen").
 EMBEDDED = dict(max_steps=100, norm="inception")
-PROTOCOL = ("grid", "grid_lr", "grid_wd", "optimizer", "lr", "lr_scale", "wd", "epochs", "max_steps", "warmup", "batch", "norm", "aug", "img_size",
-            "head_init", "prompts", "kv_prompts", "prune_tokens", "prune_segments", "rank", "weights", "pvp_init")
+# what trains a run: in every line's protocol and key (img_size, norm and aug are added as resolved per task)
+PROTOCOL = ("optimizer", "lr", "lr_scale", "wd", "epochs", "max_steps", "warmup", "batch", "head_init", "amp", "grid",
+            "grid_lr", "grid_wd", "prune_tokens", "prune_segments")
+PRUNING = ("prune_tokens", "prune_segments")  # in the key only of methods that prune (importance + prune)
 
 
 def parse(argv=None):
@@ -108,6 +132,8 @@ def parse(argv=None):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        elif f.type is list:
+            ap.add_argument(flag, action="append", metavar="NAME=VALUE", help=f.metadata["help"])
         else:
             ap.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"] + f" (default: {f.default})")
     cfg = Config(**vars(ap.parse_args(argv)))
@@ -137,7 +163,7 @@ class Diverged(Exception):
     """The loss became NaN or infinite."""
 
 # -----------------------------------------------------------------------------
-# the two baselines that are not a paper of their own, and the method table
+# the methods: two baselines that are not a paper of their own, and the registry
 
 
 class LinearProbe(nn.Module):
@@ -171,21 +197,155 @@ class FullFinetune(LinearProbe):
     name, trains_backbone = "full", True
 
 
-METHODS = {  # name -> build(vit, num_classes, cfg). A new method: one file, and one line here.
-    "linear": lambda v, c, cfg: LinearProbe(v, num_classes=c),
-    "full": lambda v, c, cfg: FullFinetune(v, num_classes=c),
-    "vpt-shallow": lambda v, c, cfg: vpt.VPT(v, num_classes=c, num_prompts=cfg.prompts, deep=False),
-    "vpt": lambda v, c, cfg: vpt.VPT(v, num_classes=c, num_prompts=cfg.prompts, deep=True),
-    "e2vpt": lambda v, c, cfg: e2vpt.E2VPT(v, num_classes=c, num_prompts=cfg.prompts, num_kv_prompts=cfg.kv_prompts),
-    "lora": lambda v, c, cfg: lora.LoRA(v, num_classes=c, rank=cfg.rank, alpha=cfg.rank),
-    "pvp": lambda v, c, cfg: pvp_module(v, c, cfg),  # the pre-trained module's own type, from its checkpoint
+def pvp(vit, *, num_classes, checkpoint):
+    """PVP (Song et al. 2023, arXiv 2304.13639): the module pre-trained by pvp_pretrain.py, on `vit` (the backbone
+    it was pre-trained on), with a fresh head of num_classes: the type and options its checkpoint records."""
+    meta, tensors = read_module(checkpoint, vit)
+    model = METHODS[meta["method"]](vit, num_classes=num_classes, **meta["config"])
+    model.load_module_state_dict(tensors, head=False)  # the source head is not reused
+    return model
+
+
+# name -> a class (or function) building the method around a frozen ViT: build(vit, *, num_classes, **options).
+# Its keyword-only arguments with defaults are the method's options (--opt NAME=VALUE). A new method: one file,
+# `import` it above, and one entry here (two lines in all); it then runs in fewshot.py and pvp_pretrain.py.
+METHODS = {
+    "linear": LinearProbe,
+    "full": FullFinetune,
+    "vpt-shallow": functools.partial(vpt.VPT, deep=False),
+    "vpt": vpt.VPT,
+    "e2vpt": e2vpt.E2VPT,
+    "lora": lora.LoRA,
+    "pvp": pvp,
 }
 LR_FACTOR = {"full": 0.1}
+FLAGS = {"prompts": ("num_prompts", 10), "kv_prompts": ("num_kv_prompts", 5), "rank": ("rank", 8)}  # flag -> option
 
 
-def pvp_module(vit, num_classes, cfg):
-    import pvp_pretrain  # it imports this file for the training loop, so import it only when needed
-    return pvp_pretrain.load_module(cfg.pvp_init, vit, num_classes)  # the source head is not reused: a fresh one
+def options_of(build):
+    """{option: default} of a registry entry: its keyword-only arguments, num_classes aside."""
+    return {n: p.default for n, p in inspect.signature(build).parameters.items()
+            if p.kind == p.KEYWORD_ONLY and n != "num_classes"}
+
+
+def given_options(cfg):
+    """{option: value} the user set: --opt NAME=VALUE (a Python/JSON literal, a comma list, or a word), and the
+    named flags --prompts, --kv-prompts, --rank."""
+    out = {}
+    for item in cfg.opt or []:
+        name, eq, text = item.partition("=")
+        need(eq and name.isidentifier(), f"--opt {item!r}: write NAME=VALUE, e.g. --opt dropout=0.0")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text.split(",") if "," in text else text
+        need(out.get(name, value) == value, f"--opt {name} is given twice, as {out.get(name)!r} and {value!r}")
+        out[name] = value
+    for flag, (name, _) in FLAGS.items():
+        if getattr(cfg, flag) is not None:
+            need(out.get(name, getattr(cfg, flag)) == getattr(cfg, flag), f"--{flag.replace('_', '-')} "
+                 f"{getattr(cfg, flag)} and --opt {name}={out.get(name)!r} disagree: give one")
+            out[name] = getattr(cfg, flag)
+    return out
+
+
+def method_options(name, cfg):
+    """The options method `name` is built with: its defaults, nanoPETL's defaults for the named flags, then what
+    the user gave (only those it takes). `pvp`: only the checkpoint, whose module brings its own options."""
+    takes = options_of(METHODS[name])
+    if name == "pvp":
+        return dict(checkpoint=cfg.pvp_init)
+    return {**takes, **{o: d for o, d in FLAGS.values() if o in takes},
+            **{k: v for k, v in given_options(cfg).items() if k in takes}}
+
+
+def build(name, vit, num_classes, cfg):
+    """The method `name` around `vit` (which it freezes and may wrap in place)."""
+    return METHODS[name](vit, num_classes=num_classes, **method_options(name, cfg))
+
+# -----------------------------------------------------------------------------
+# module checkpoints (PVP): .safetensors with a JSON header, written atomically
+
+
+def atomic(write, path):
+    """write(tmp) then rename: a kill leaves the old file or the new one, never half of one. The temporary name is
+    unique, so two writers never write into one temporary file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def tensors_hash(tensors):
+    """A short fingerprint of a dict of tensors by content (names, shapes, dtypes and values)."""
+    h = hashlib.sha256()
+    for k, v in sorted(tensors.items()):
+        v = v.detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(v.shape)}:{v.dtype}".encode()), h.update(v.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def weights_hash(model):
+    """A backbone's fingerprint by content, head excluded (a module checkpoint records it; so does every run)."""
+    return tensors_hash({k: v for k, v in model.state_dict().items() if not k.startswith("head.")})
+
+
+def save_module(model, path, meta):
+    tensors = {k: v.contiguous() for k, v in model.module_state_dict(head=False).items()}
+    atomic(lambda p: save_file(tensors, p, metadata={"nanopetl": json.dumps(meta)}), path)
+
+
+MODULE_HEADER = dict(method=str, config=dict, backbone=str, backbone_hash=str)  # what a module header must hold
+
+
+def module_header(path):
+    """The checked header of a module checkpoint (reads no tensors): refused with one line naming what is wrong."""
+    path = Path(path)
+    try:
+        with safe_open(path, "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("nanopetl", "null"))
+    except Exception as e:  # safetensors reports truncation and foreign files in several exception types
+        raise vitlib.CheckpointError(f"{path}: not a readable module checkpoint ({vitlib.error_line(e)}); make one "
+                                     "with python pvp_pretrain.py") from None
+    if not isinstance(meta, dict) or "method" not in meta:
+        raise vitlib.CheckpointError(f"{path}: a .safetensors file without nanoPETL's module header (a backbone? "
+                                     "that goes to --weights); make a module checkpoint with python pvp_pretrain.py "
+                                     "--weights <the backbone>")
+    bad = [f"{k} ({type(meta.get(k)).__name__}, not {t.__name__})" for k, t in MODULE_HEADER.items()
+           if not isinstance(meta.get(k), t)]
+    kinds = [m for m in METHODS if m != "pvp"]
+    if not bad and meta["method"] not in kinds:
+        bad = [f"method {meta['method']!r} (not one of {', '.join(kinds)})"]
+    if not bad and (extra := set(meta["config"]) - set(options_of(METHODS[meta["method"]]))):
+        bad = [f"config options {sorted(extra)} that {meta['method']} does not take"]
+    if bad:
+        raise vitlib.CheckpointError(f"{path}: its nanoPETL header is damaged or from another version: " +
+                                     "; ".join(bad) + ". Pre-train it again with python pvp_pretrain.py")
+    return meta
+
+
+def read_module(path, backbone):
+    """(meta, tensors) of a module checkpoint, refused unless it was made on this very backbone and is finite."""
+    meta = module_header(path)
+    try:
+        tensors = load_file(path)
+    except Exception as e:
+        raise vitlib.CheckpointError(f"{path}: not a readable module checkpoint ({vitlib.error_line(e)}); make one "
+                                     "with python pvp_pretrain.py") from None
+    if meta["backbone_hash"] != weights_hash(backbone):
+        raise vitlib.CheckpointError(
+            f"{path} was pre-trained on backbone {meta['backbone']} (weights {meta['backbone_hash']}), not on this one "
+            f"(weights {weights_hash(backbone)}): pre-train it on this backbone with pvp_pretrain.py --weights")
+    for k, v in tensors.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise vitlib.CheckpointError(f"{path}: tensor {k} holds {int((~torch.isfinite(v)).sum())} NaN or infinite "
+                                         "values: the pre-training diverged; pre-train it again (a lower --lr)")
+    return meta, tensors
 
 # -----------------------------------------------------------------------------
 # the one training loop (pvp_pretrain.py uses it too), evaluation, and the head initialisation
@@ -289,7 +449,7 @@ def count(params):
     return sum(p.numel() for p in params)
 
 # -----------------------------------------------------------------------------
-# one run, the sweep, the results
+# one run: fit, evaluate, and --grid's search
 
 
 def run_one(name, task, backbone, cfg, device, seed, test=True):
@@ -300,18 +460,19 @@ def run_one(name, task, backbone, cfg, device, seed, test=True):
 
 
 def fit(name, task, backbone, cfg, device, seed):
-    """(the trained model ready for inference, {trainable, ...}): a fresh copy of `backbone` wrapped by the method."""
+    """(the trained model ready for inference, {trainable, config, ...}): a fresh copy of `backbone` wrapped by the
+    method. The recipe follows what the module can do, so `pvp` follows its module's: pruning (E2VPT), merging (LoRA)."""
     torch.manual_seed(seed)
-    model = METHODS[name](copy.deepcopy(backbone), task.num_classes, cfg).to(device)
+    model = build(name, copy.deepcopy(backbone), task.num_classes, cfg).to(device)
     lr = cfg.lr * LR_FACTOR.get(name, 1.0)
     init_head(model, task.train, task, device, cfg.head_init)
-    out = dict(trainable=count(p for p in model.parameters() if p.requires_grad))
+    out = dict(trainable=count(p for p in model.parameters() if p.requires_grad), config=model.config)
     if type(model) is LinearProbe:  # the backbone is frozen and deterministic: its features once, then the head alone
         train(model.head, features(model, task.train, task, device), task, cfg, device, seed=seed, lr=lr,
               desc=f"{name} {task.name}")
     else:
         train(model, task.train, task, cfg, device, seed=seed, lr=lr, desc=f"{name} {task.name}")
-    if name == "e2vpt":  # E2VPT Sec. 3.3: train, score, prune, rewind, train again
+    if prunes(model):  # E2VPT Sec. 3.3: train, score, prune, rewind, train again
         scores = model.importance(batches(task.train, task, device, min(cfg.batch, len(task.train)), train=False))
         out["pruned"] = model.prune(cfg.prune_tokens, cfg.prune_segments, scores)  # what is kept
         model.rewind()
@@ -320,6 +481,10 @@ def fit(name, task, backbone, cfg, device, seed):
     if hasattr(model, "merge"):  # LoRA: fold B·A into the frozen weights, zero-overhead inference
         model.merge()
     return model.eval(), out
+
+
+def prunes(model_or_class):
+    return all(hasattr(model_or_class, a) for a in ("importance", "prune", "rewind"))
 
 
 def search(name, task, backbone, cfg, device, seed):
@@ -340,16 +505,90 @@ def search_task(cfg, task, shots, seed, backbone):
                               img_size=cfg.img_size or backbone.img_size, vtab_task=cfg.vtab_task)
     return search
 
+# -----------------------------------------------------------------------------
+# the backbone and the embedded pieces
+
 
 def load_backbone(weights, arch="vit_base_patch16", img_size=None):
-    """(ViT without head, its name): `weights` (a PRETRAINED name or a path), or with None the embedded backbone,
-    built first when missing."""
+    """(ViT without head, its name): `weights` (a PRETRAINED name or a path), or with None the embedded backbone."""
     if weights is None:
-        import pvp_pretrain
-        return pvp_pretrain.embedded_backbone(), "vit_synthetic"
+        return vitlib.load_pretrained(vitlib.vit_synthetic(num_classes=0), embedded_backbone(), verbose=False).eval(), \
+            "vit_synthetic"
     arch = vitlib.PRETRAINED.get(weights, {}).get("preset", arch)
     model = vitlib.PRESETS[arch](num_classes=0, **({"img_size": img_size} if img_size else {}))
     return vitlib.load_pretrained(model, weights).eval(), f"{arch}:{Path(weights).name}"
+
+
+def pretrain_once(path, argv, what):
+    """Build a missing piece by running pvp_pretrain.py (its progress shows here). It locks `path`, so two sweeps
+    starting at once build it once; --resume goes on from an interrupted build's last epoch."""
+    print(f"building {what} once; cached at {path}")
+    cmd = [sys.executable, str(HERE / "pvp_pretrain.py"), *argv, "--out", str(path), "--resume"]
+    if (code := subprocess.run(cmd).returncode) != 0:
+        raise KeyboardInterrupt if code == 130 else UsageError(
+            f"building {what} failed ({' '.join(cmd[1:])} exited with {code}; its message is above)")
+    return path
+
+
+def embedded_backbone():
+    """The shipped embedded backbone, or one built by `pvp_pretrain.py --backbone` when the shipped file is gone."""
+    if SHIPPED_BACKBONE.exists():
+        return SHIPPED_BACKBONE
+    path = CHECKPOINTS / "vit_synthetic.safetensors"
+    return path if path.exists() else pretrain_once(path, ["--backbone", *EMBEDDED_BUILD], "the embedded backbone")
+
+
+EMBEDDED_BUILD = []  # extra pvp_pretrain.py flags for the embedded builds (the tests shrink them)
+
+
+def embedded_pvp(backbone):
+    """The embedded PVP prompts (VPT-deep pre-trained on the synthetic PVP source), built when missing or when they
+    were made on another backbone."""
+    path = CHECKPOINTS / "pvp_vpt_vit_synthetic.safetensors"
+    try:
+        stale = path.exists() and module_header(path)["backbone_hash"] != weights_hash(backbone)
+    except vitlib.CheckpointError:
+        stale = True
+    if not path.exists() or stale:
+        pretrain_once(path, ["--weights", str(embedded_backbone()), "--arch", "vit_synthetic", *EMBEDDED_BUILD],
+                      "the embedded PVP prompts" + " (the backbone changed)" * stale)
+    return path
+
+# -----------------------------------------------------------------------------
+# what makes a run: its identity, its key, its label
+
+
+def run_identity(name, task, cfg, backbone_hash, module=None):
+    """Everything that determines a run's numbers, as JSON: the method and its resolved options (for pvp: the module
+    type, options and content hash), the data (name, resolved root, fingerprint of the files or pixels read), the
+    task, shots and seed, the protocol with image size, normalisation and augmentation as resolved, and the
+    backbone's weights by content. Paths are not part of it: a moved file is the same run, a replaced one is not."""
+    cls = METHODS[module["method"]] if module else METHODS[name]
+    protocol = {k: getattr(cfg, k) for k in PROTOCOL if k not in PRUNING or prunes(cls)}
+    m = task.meta
+    return dict(method=name, options=module or method_options(name, cfg), data=dict(
+        dataset=task.name, root=m.get("root") and str(Path(m["root"]).resolve()), fingerprint=m["fingerprint"]),
+        shots=m["shots"] or "all", seed=m["seed"], protocol=protocol | dict(
+            img_size=task.img_size, mean=task.mean, std=task.std, aug=task.train_aug), backbone=backbone_hash)
+
+
+def run_key(identity):
+    """method|task|shots|seed|hash: readable in front, exact behind."""
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{label(identity['method'], identity['options'])}|{identity['data']['dataset']}|{identity['shots']}|" \
+           f"{identity['seed']}|{digest}"
+
+
+def label(name, options):
+    """The table's row name: pvp says which module it starts from, pvp(vpt) or pvp(lora)."""
+    return f"pvp({options['method']})" if name == "pvp" else name
+
+# -----------------------------------------------------------------------------
+# the results file: lines appended under a lock, read back whatever is in it, runs claimed while they train
+
+
+REQUIRED = dict(key=str, method=str, status=str, seconds=(int, float))
+REQUIRED_OK = dict(test_top1=(int, float), val_top1=(int, float), trainable=int)
 
 
 def append(path, record):
@@ -367,19 +606,34 @@ def append(path, record):
                          f"free some space (or pass another --out) and run the same command again") from None
 
 
-def finished(path):
-    """{key: record} of the runs in a results file; a torn line (a write cut short) is skipped, so it is run again."""
+def finished(path, warn=False):
+    """{key: record} of the well-formed lines of a results file. A line that is not JSON, not an object or lacks a
+    field (a write cut short, an edit by hand) is skipped, so its run runs again; warn=True says which lines."""
     if not path.exists():
         return {}
     if not path.is_file():  # a FIFO or a device would be read forever
         raise UsageError(f"{path} is not a regular file (a re-run reads it whole): move it away, or give another --out")
-    records = []
-    for line in path.read_text().splitlines():
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as e:
+        raise UsageError(f"cannot read {path} ({e.strerror or e}), the results of earlier runs in --out: fix its "
+                         "permissions, or give another --out") from None
+    records, bad = {}, []
+    for n, line in enumerate(text.splitlines(), 1):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return {r["key"]: r for r in records if isinstance(r, dict) and "key" in r}
+            r = json.loads(line)
+        except ValueError:
+            r = None
+        need_ok = REQUIRED | (REQUIRED_OK if isinstance(r, dict) and r.get("status") == "ok" else {})
+        if isinstance(r, dict) and all(isinstance(r.get(k), t) for k, t in need_ok.items()):
+            records[r["key"]] = r
+        elif line.strip():
+            bad.append(n)
+    if warn and bad:
+        shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        print(f"warning: {path}: skipped {len(bad)} line(s) that are not whole results lines (line {shown}); their "
+              "runs, if planned, run again", file=sys.stderr)
+    return records
 
 
 def claim(out, key):
@@ -395,38 +649,41 @@ def claim(out, key):
         f.close()
         return None
 
+# -----------------------------------------------------------------------------
+# the table and the plot
 
-def cells(records, methods):
-    """{(method, shots): (per-seed test top-1 averaged over tasks, the runs)} over the finished runs."""
+
+def cells(records, rows):
+    """{(row, shots): (per-seed test top-1 averaged over tasks, the runs)} over the finished runs."""
     out = {}
-    for m in methods:
-        for k in sorted({r["shots"] for r in records if r["method"] == m}, key=lambda s: (s == "all", s)):
-            rs = [r for r in records if r["method"] == m and r["shots"] == k and r["status"] == "ok"]
+    for m in rows:
+        for k in sorted({r["shots"] for r in records if r["row"] == m}, key=lambda s: (s == "all", s)):
+            rs = [r for r in records if r["row"] == m and r["shots"] == k and r["status"] == "ok"]
             per_seed = [[r["test_top1"] for r in rs if r["seed"] == s] for s in sorted({r["seed"] for r in rs})]
             if rs:
                 out[m, k] = torch.tensor([sum(a) / len(a) for a in per_seed]), rs
     return out
 
 
-def summarize(records, methods, backbone_params):
+def summarize(records, rows, backbone_params):
     """Markdown: method x shots, test top-1 as mean ± std over seeds of the mean over tasks."""
-    rows = ["| method | shots | test top-1 (%) | seeds x tasks | trainable params | % of backbone | s / run |",
-            "|---|---|---|---|---|---|---|"]
-    for (m, k), (acc, rs) in cells(records, methods).items():
+    lines = ["| method | shots | test top-1 (%) | seeds x tasks | trainable params | % of backbone | s / run |",
+             "|---|---|---|---|---|---|---|"]
+    for (m, k), (acc, rs) in cells(records, rows).items():
         spread = f" ± {acc.std().item():.2f}" if len(acc) > 1 else ""
         p = sum(r["trainable"] for r in rs) / len(rs)
-        rows.append(f"| {m} | {k} | {acc.mean():.2f}{spread} | {len(acc)} x {len(rs) // len(acc)} | {p:,.0f} | "
-                    f"{100 * p / backbone_params:.3f} | {sum(r['seconds'] for r in rs) / len(rs):.1f} |")
-    return "\n".join(rows)
+        lines.append(f"| {m} | {k} | {acc.mean():.2f}{spread} | {len(acc)} x {len(rs) // len(acc)} | {p:,.0f} | "
+                     f"{100 * p / backbone_params:.3f} | {sum(r['seconds'] for r in rs) / len(rs):.1f} |")
+    return "\n".join(lines)
 
 
-def plot(records, methods, path):
+def plot(records, rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    table = cells(records, methods)
-    for m in methods:
+    table = cells(records, rows)
+    for m in rows:
         points = [(k, acc.mean().item(), acc.std().item() if len(acc) > 1 else 0.0)
                   for (mm, k), (acc, _) in table.items() if mm == m and k != "all"]
         if points:
@@ -438,11 +695,42 @@ def plot(records, methods, path):
     ax.grid(alpha=0.3), ax.legend(fontsize=8)
     fig.tight_layout(), fig.savefig(path, dpi=120)
 
+# -----------------------------------------------------------------------------
+# devices, torchrun, and the checks made before any work
+
 
 def pick_device(name):
     if name != "auto":
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+
+
+def check_device(flag, name):
+    """A torch device this machine runs (cpu, cuda[:n] with that GPU, mps), or one UsageError naming the flag."""
+    try:
+        device = pick_device(name)
+    except RuntimeError:
+        raise UsageError(f"{flag} {name}: not a torch device; use auto, cpu, cuda, cuda:<n> or mps") from None
+    need(device.type in ("cpu", "cuda", "mps"), f"{flag} {name}: nanoPETL runs on cpu, cuda or mps, not "
+         f"{device.type}; use auto, cpu, cuda, cuda:<n> or mps")
+    for kind, there in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())):
+        need(device.type != kind or there, f"{flag} {name}: no {kind.upper()} here; use cpu or auto")
+    need(device.type != "cuda" or (device.index or 0) < torch.cuda.device_count(), f"{flag} {name}: this machine has "
+         f"{torch.cuda.device_count()} GPU(s), numbered from 0")
+    return device
+
+
+def check_environment():
+    """The environment variables nanoPETL reads, checked before any work: one UsageError each."""
+    data.max_gb() if hasattr(data, "max_gb") else None  # NANOPETL_MAX_GB: data.py checks its own
+    cache = os.environ.get("NANOPETL_CACHE")
+    need(not cache or not Path(cache).exists() or Path(cache).is_dir(), f"NANOPETL_CACHE={cache} is a file: it must "
+         "name the folder for downloaded weights; unset it or point it at a folder")
+    if "LOCAL_RANK" in os.environ:  # torchrun sets all of these; a stray LOCAL_RANK alone would hang in init
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        need(not missing and os.environ["LOCAL_RANK"].isdigit(), f"LOCAL_RANK={os.environ['LOCAL_RANK']} is set, "
+             f"but {', '.join(missing) or 'it is not a number'} {'is' if len(missing) == 1 else 'are'} not: run under "
+             "torchrun, or unset LOCAL_RANK")
 
 
 def init_distributed(device):
@@ -454,6 +742,9 @@ def init_distributed(device):
     if cuda:
         torch.cuda.set_device(local)
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}") if cuda else pick_device(device)
+
+
+MAX_SEED, MAX_IMG = 2**32 - 1, 1024  # seeds feed torch generators; past 1024 px a ViT-B/16 step needs > 100 GB
 
 
 def check(cfg):
@@ -470,24 +761,27 @@ def check(cfg):
     methods = list(METHODS) if cfg.method == "all" else cfg.method.split(",")
     unknown = [m for m in methods if m not in METHODS]
     need(not unknown, f"unknown method {', '.join(unknown)}: choose from {', '.join(METHODS)}, or all")
+    need(len(set(methods)) == len(methods), f"--method {cfg.method} names a method twice")
     lr_max = 1e4  # above it a run only diverges, or overflows AdamW's float32 step (from ~1e37) with a traceback
     need(0 < cfg.lr <= lr_max, f"--lr must be a positive number, at most {lr_max:g}, got {cfg.lr}")
     shots = [None] if cfg.shots == "all" else listed("--shots", cfg.shots, int, lambda k: k >= 1,
                                                      "'all' or a comma list of whole numbers from 1 up")
-    seeds = listed("--seeds", cfg.seeds, int, lambda s: True, "a comma list of whole numbers")
+    seeds = listed("--seeds", cfg.seeds, int, lambda s: 0 <= s <= MAX_SEED,
+                   f"a comma list of whole numbers from 0 to {MAX_SEED}")
     need(cfg.grid or (cfg.grid_lr, cfg.grid_wd) == (Config.grid_lr, Config.grid_wd),
          "--grid-lr and --grid-wd are the grid that --grid searches: add --grid, or drop them")
     listed("--grid-lr", cfg.grid_lr, float, lambda v: 0 < v <= lr_max, f"a comma list of lrs in (0, {lr_max:g}]")
-    listed("--grid-wd", cfg.grid_wd, float, lambda v: v >= 0, "a comma list of weight decays >= 0")
+    listed("--grid-wd", cfg.grid_wd, float, lambda v: 0 <= v < math.inf, "a comma list of weight decays >= 0")
     for flag, ok, what in (
             ("--wd", cfg.wd >= 0 and math.isfinite(cfg.wd), "a number >= 0"), ("--batch", cfg.batch >= 1, "at least 1"),
             ("--epochs", cfg.epochs >= 1, "at least 1"), ("--warmup", 0 <= cfg.warmup <= 1, "a fraction in [0, 1]"),
             ("--max-steps", cfg.max_steps is None or cfg.max_steps >= 1, "at least 1 (leave it out for no cap)"),
             ("--prune-tokens", 0 <= cfg.prune_tokens < 1, "a fraction in [0, 1)"),
             ("--prune-segments", 0 <= cfg.prune_segments < 1, "a fraction in [0, 1)"),
-            ("--prompts", cfg.prompts >= 1, "at least 1"), ("--kv-prompts", cfg.kv_prompts >= 0, "at least 0"),
-            ("--rank", cfg.rank >= 1, "at least 1"),
-            ("--img-size", cfg.img_size is None or cfg.img_size >= 1, "at least 1")):
+            ("--prompts", cfg.prompts is None or cfg.prompts >= 1, "at least 1"),
+            ("--kv-prompts", cfg.kv_prompts is None or cfg.kv_prompts >= 0, "at least 0"),
+            ("--rank", cfg.rank is None or cfg.rank >= 1, "at least 1"),
+            ("--img-size", cfg.img_size is None or 1 <= cfg.img_size <= MAX_IMG, f"from 1 to {MAX_IMG}")):
         need(ok, f"{flag} must be {what}, got {getattr(cfg, flag[2:].replace('-', '_'))}")
     for flag, value, choices in (("--optimizer", cfg.optimizer, ("adamw", "sgd")),
                                  ("--aug", cfg.aug, (None, "none", "crop_flip")),
@@ -529,15 +823,12 @@ def check(cfg):
          "make one with python pvp_pretrain.py --weights <this backbone> --out <path>")
     need("pvp" not in methods or cfg.pvp_init or cfg.weights is None, "--method pvp with --weights needs --pvp-init: a "
          "module checkpoint pre-trained on that backbone (python pvp_pretrain.py --weights ...)")
-    # the device
-    try:
-        device = pick_device(cfg.device)
-    except RuntimeError:
-        raise UsageError(f"--device {cfg.device}: not a torch device; use auto, cpu, cuda, cuda:<n> or mps") from None
-    for kind, there in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())):
-        need(device.type != kind or there, f"--device {cfg.device}: no {kind.upper()} here; use cpu or auto")
+    check_options(cfg, methods, arch)
+    # the device and the environment
+    device = check_device("--device", cfg.device)
     need(not cfg.amp or device.type == "cuda", f"--amp is bf16 autocast on CUDA, and this run is on {device.type}: "
          "drop --amp")
+    check_environment()
     # --out: a folder we can write, whose results.jsonl (if any) is a plain file
     out, results = Path(cfg.out), Path(cfg.out) / "results.jsonl"
     need(not out.exists() or out.is_dir(), f"--out {out} is a file, not a folder: give a folder for results.jsonl")
@@ -551,24 +842,57 @@ def check(cfg):
     return methods, shots, seeds
 
 
+def check_options(cfg, methods, arch):
+    """Method options: each given one taken by some chosen method, each value one its constructor accepts (tried on
+    a weightless 'meta' copy of the backbone), and none that contradicts a pvp module's own."""
+    given = given_options(cfg)
+    builders = [m for m in methods if m != "pvp"]
+    takers = {k: [m for m in builders if k in options_of(METHODS[m])] for k in given}
+    if "pvp" in methods and cfg.pvp_init:  # the module's options are its checkpoint's: a flag may not differ
+        meta = module_header(cfg.pvp_init)
+        clash = {k: (v, meta["config"][k]) for k, v in given.items() if k in meta["config"] and meta["config"][k] != v}
+        need(not clash, f"--pvp-init {cfg.pvp_init} holds a {meta['method']} module with " + ", ".join(
+            f"{k}={theirs!r}" for k, (_, theirs) in clash.items()) + ", and this command asks for " + ", ".join(
+            f"{k}={mine!r}" for k, (mine, _) in clash.items()) + ": pvp keeps its module's options, so compare like "
+            "with like (drop the flag, or pre-train a module with it: pvp_pretrain.py)")
+        takers = {k: ms + ["pvp"] * (k in meta["config"]) for k, ms in takers.items()}
+    for k, ms in takers.items():
+        flag = next((f"--{f.replace('_', '-')}" for f, (o, _) in FLAGS.items() if o == k), f"--opt {k}")
+        if not ms and flag.startswith("--opt"):
+            raise UsageError(f"{flag}: none of --method {','.join(methods)} takes it; " + "; ".join(
+                f"{m} takes {', '.join(options_of(METHODS[m])) or 'no options'}" for m in builders))
+        if not ms:
+            print(f"warning: {flag} is ignored: none of --method {','.join(methods)} takes {k}", file=sys.stderr)
+    with torch.device("meta"):  # no memory, no weights: the constructors check their own arguments
+        skeleton = vitlib.PRESETS[arch](num_classes=0, **({"img_size": cfg.img_size} if cfg.img_size else {}))
+        for m in builders:
+            try:
+                METHODS[m](copy.deepcopy(skeleton), num_classes=2, **method_options(m, cfg))
+            except (TypeError, ValueError) as e:
+                raise UsageError(f"--method {m}: {e}; change the option (--opt NAME=VALUE or its flag)") from None
+
+# -----------------------------------------------------------------------------
+# the sweep
+
+
 def main(argv=None):
     cfg = parse(argv)
     methods, shots, seeds = check(cfg)
     rank, world, device = init_distributed(cfg.device)  # under torchrun each rank takes every world-th run
     out = Path(cfg.out)  # check() made it
     backbone, backbone_name = load_backbone(cfg.weights, cfg.arch, cfg.img_size)
-    backbone_params = count(backbone.parameters())
-    if "pvp" in methods and cfg.pvp_init is None:  # the embedded backbone (check() refused --weights without it)
-        import pvp_pretrain
-        cfg = dataclasses.replace(cfg, pvp_init=str(pvp_pretrain.embedded_pvp(backbone)))
-    protocol = {k: getattr(cfg, k) for k in PROTOCOL}
-    tag = hashlib.sha1(json.dumps([{k: v for k, v in protocol.items() if k != "pvp_init"}, backbone_name],
-                                  sort_keys=True).encode()).hexdigest()[:10]
+    backbone_params, backbone_hash = count(backbone.parameters()), weights_hash(backbone)
+    module = None
+    if "pvp" in methods:  # its module, read and checked once before any run
+        cfg = dataclasses.replace(cfg, pvp_init=str(cfg.pvp_init or embedded_pvp(backbone)))
+        meta, tensors = read_module(cfg.pvp_init, backbone)
+        module = dict(method=meta["method"], config=meta["config"], hash=tensors_hash(tensors))
     print(f"nanoPETL few-shot: {', '.join(methods)} on {cfg.data} x shots {cfg.shots} x seeds {cfg.seeds}, "
-          f"backbone {backbone_name} ({backbone_params:,} params) on {device}{' (torch.compile)' * cfg.compile}\n"
-          f"protocol: {json.dumps(protocol)}")
+          f"backbone {backbone_name} ({backbone_params:,} params, weights {backbone_hash}) on {device}"
+          f"{' (torch.compile)' * cfg.compile}\nprotocol: {json.dumps({k: getattr(cfg, k) for k in PROTOCOL})}\n"
+          "options: " + "; ".join(f"{m} {json.dumps(module if m == 'pvp' else method_options(m, cfg))}" for m in methods))
     results = out / "results.jsonl"
-    done = finished(results)
+    done = finished(results, warn=rank == 0)
     plan = [(k, s) for k in shots for s in seeds]
     total = len(plan) * len(methods) * (5 if cfg.data == "synthetic" else 1)
     chosen = {}  # --grid: (method, task, shots) -> (config, grid)
@@ -580,7 +904,8 @@ def main(argv=None):
             for task in tasks:
                 task.train_aug = cfg.aug or task.train_aug
                 for m in methods:
-                    key, n = f"{m}|{task.name}|{k or 'all'}|{s}|{tag}", n + 1
+                    identity = run_identity(m, task, cfg, backbone_hash, module if m == "pvp" else None)
+                    key, n = run_key(identity), n + 1
                     planned.append(key)
                     if key in done or n % world != rank:
                         bar.update()
@@ -592,10 +917,13 @@ def main(argv=None):
                         continue
                     bar.set_description(f"{m} {task.name} {k or 'all'}-shot seed {s}")
                     t0 = time.time()
-                    record = dict(key=key, method=m, dataset=task.name, shots=k or "all", seed=s, backbone=backbone_name,
-                                  protocol=protocol, mean=task.mean, std=task.std, train_aug=task.train_aug,
+                    record = dict(key=key, method=m, row=label(m, identity["options"]), dataset=task.name,
+                                  shots=k or "all", seed=s, identity=identity, backbone=backbone_name,
+                                  weights=cfg.weights, pvp_init=cfg.pvp_init if m == "pvp" else None,
+                                  protocol=identity["protocol"], train_aug=task.train_aug,
                                   sizes=dict(train=len(task.train), val=len(task.val), test=len(task.test)),
-                                  num_classes=task.num_classes, backbone_params=backbone_params, compiled=cfg.compile)
+                                  num_classes=task.num_classes, backbone_params=backbone_params, compiled=cfg.compile,
+                                  device=str(device))
                     try:
                         run_cfg = cfg
                         if cfg.grid:  # once per method, task and shots, on the first seed's support set
@@ -627,17 +955,21 @@ def main(argv=None):
     if missing := [key for key in planned if key not in done]:
         print(f"{len(missing)} runs are not in {results} yet: another sweep on {out} is running them; when it ends, "
               "run this command again for the full table", file=sys.stderr)
-    records = [r for r in done.values() if r["key"].endswith(tag) and r["method"] in methods
-               and r["shots"] in [k or "all" for k in shots] and r["seed"] in seeds]
-    table = summarize(records, methods, backbone_params)
+    records = [done[key] for key in dict.fromkeys(planned) if key in done]  # this command's runs, nothing else
+    rows = list(dict.fromkeys(r["row"] for r in records))
+    table = summarize(records, rows, backbone_params)
     if failed := sum(r["status"] != "ok" for r in records):
         print(f"{failed} runs failed (their lines in {results} say why); the table leaves them out", file=sys.stderr)
     print(table)
+    if cfg.weights is None and not {"linear", "vpt"} <= set(methods):  # the main job: say what to put beside it
+        print(f"How to read it: PVP's claim is against the same prompts started at random and the linear probe; "
+              f"run them on the same tasks with: python fewshot.py --method linear,vpt,{cfg.method} --shots {cfg.shots} "
+              f"--seeds {cfg.seeds} (the README's 'Embedded results' has every method at 1-16 shots)")
     try:
-        (out / "summary.md").write_text(f"{cfg.data}, backbone {backbone_name}\n\n{table}\n")
+        (out / "summary.md").write_text(f"{cfg.data}, backbone {backbone_name} (weights {backbone_hash})\n\n{table}\n")
         print(f"saved: {results}, {out / 'summary.md'}")
         if cfg.plot:
-            plot(records, methods, out / "accuracy_vs_shots.png")
+            plot(records, rows, out / "accuracy_vs_shots.png")
             print(f"saved: {out / 'accuracy_vs_shots.png'}")
     except OSError as e:
         raise UsageError(f"cannot write {e.filename or out}: {e.strerror or e}. Every run is kept in {results}; free "
@@ -645,14 +977,32 @@ def main(argv=None):
     return 0
 
 
+def os_error_line(e, kept):
+    """One line for an OSError that reached the top: what failed on which file, and what to do about that errno."""
+    what = f"{e.filename}: {e.strerror or e}" if e.filename else str(e)
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return f"error: cannot write {what}. {kept}: free some space and run the same command again"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"error: not allowed: {what}. {kept}: fix the permissions (or choose other paths) and run it again"
+    return f"error: {what}. {kept}"
+
+
+def terminate_as_interrupt():
+    """SIGTERM (a scheduler ending a job) ends the run like Ctrl-C: finished work is kept and said so."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 if __name__ == "__main__":
     results = Path(parse().out) / "results.jsonl"  # for the messages below (a flag argparse cannot read exits here)
+    terminate_as_interrupt()
     try:
         sys.exit(main())
     except (UsageError, data.DataError, vitlib.CheckpointError) as e:
         fail(f"error: {e}")
     except KeyboardInterrupt:  # outside the sweep's own handler: loading, or writing the table
         fail(f"interrupted: every run finished so far is in {results}; run the same command again to go on", 130)
-    except OSError as e:  # a write that failed (a full disk, a folder we may not write); append() names its file
-        fail(f"error: cannot write {e.filename or results}: {e.strerror or e}. The runs finished before it are kept "
-             f"in {results}: free some space (or fix the permissions) and run the same command again")
+    except OSError as e:  # a read or write that failed outside the places that name their own file
+        fail(os_error_line(e, f"The runs finished before it are kept in {results}"))

@@ -83,15 +83,15 @@ class LoRALinear(nn.Module):
 class LoRA(nn.Module):
     """LoRA on a frozen `vit.ViT`, which it freezes and wraps in place (see the module docstring for key names).
 
-    targets: a subset of {"q", "k", "v", "proj"}. The head is nn.Linear(dim, num_classes) initialised to zeros
+    targets: a subset of {"q", "k", "v", "proj"}; alpha defaults to rank (scale 1). The head is nn.Linear(dim, num_classes) initialised to zeros
     (weight and bias): the runner sets its own initialisation (fewshot.py --head-init). The ViT's head is unused."""
 
     name = "lora"
     TARGETS = ("q", "k", "v", "proj")
 
-    def __init__(self, vit, *, num_classes, rank=8, alpha=8, targets=("q", "v"), dropout=0.0):
+    def __init__(self, vit, *, num_classes, rank=8, alpha=None, targets=("q", "v"), dropout=0.0):
         super().__init__()
-        targets = tuple(targets)
+        targets, alpha = tuple(targets), rank if alpha is None else alpha  # alpha = rank: scale 1 (peft's default)
         if not targets or len(set(targets)) != len(targets) or not set(targets) <= set(self.TARGETS) or rank < 1:
             raise ValueError(f"LoRA needs rank >= 1 and distinct targets from {self.TARGETS}; got rank={rank}, "
                              f"targets={targets}")

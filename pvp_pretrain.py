@@ -1,27 +1,32 @@
 """
 PVP: pre-train the PETuning module, then start few-shot tuning from it (Song et al., "PVP: Pre-trained Visual
-Parameter-Efficient Tuning", arXiv 2304.13639). The paper's claim: VPT and LoRA do poorly with 1-2 images per class because their modules start
-from random values; pre-training the modules on a large source task, backbone frozen, fixes that.
+Parameter-Efficient Tuning", arXiv 2304.13639). The paper's claim: VPT and LoRA do poorly with 1-2 images per class
+because their modules start from random values; pre-training the modules on a large source task, backbone frozen,
+fixes that.
 
-What the paper leaves open (no code is public; methods.md 5) and what this file chooses:
-  module       VPT-deep (the paper names VPT and LoRA); --method e2vpt or lora to pre-train those instead
+The paper publishes no code, and leaves open which module, source, objective and schedule it used. This file chooses:
+  module       VPT-deep (the paper names VPT and LoRA); --method NAME pre-trains any method of fewshot.METHODS that
+               has a module besides its head and keeps the backbone frozen (vpt-shallow, e2vpt, lora, or a new one)
   source       the embedded PVP source (192 classes, a stand-in for ImageNet-1k), or --data imagenet --data-root
   objective    supervised cross-entropy through a source head on the final-norm CLS token, backbone frozen, in eval
-  schedule     AdamW, warmup + cosine over --epochs passes of --per-class images per class (same loop as fewshot.py)
+  schedule     AdamW, warmup + cosine over --epochs passes of --per-class images per class (fewshot.train's loop)
   head         the source head is discarded: the checkpoint holds the module's tensors only; downstream starts a
                fresh head (fewshot.py --method pvp) and every module tensor stays trainable, same recipe as random init
-The checkpoint is a .safetensors file (loading it runs no code) whose header records the module type and config,
+The checkpoint is a .safetensors file (loading it runs no code) whose header records the module type and options,
 the backbone's name and weight hash (fewshot.py refuses a checkpoint made on another backbone), the source, the
-epochs and the final source accuracy. A resume file is written atomically after every epoch: --resume goes on.
+recipe and the final source accuracy. A resume file (<out>.resume) is written atomically after every epoch and
+records the recipe: --resume goes on only with the run that wrote it. Two processes building one --out take turns
+(a lock beside it): the second reuses what the first built when the recipe is the same.
 
 The embedded backbone (the stand-in for the ImageNet-21k ViT-B/16) is trained here too, from scratch:
     python pvp_pretrain.py --backbone                 # -> checkpoints/vit_synthetic.safetensors, seeded
     python pvp_pretrain.py                            # -> checkpoints/pvp_vpt_vit_synthetic.safetensors
+    python pvp_pretrain.py --method lora --rank 4     # any registered method, with its options (--opt NAME=VALUE)
     torchrun --nproc_per_node=8 pvp_pretrain.py --weights vit_b16_in21k --data imagenet --data-root /data/imagenet
-fewshot.py runs the first two by itself when their files are missing.
+fewshot.py runs the second by itself (as a command) when its file is missing.
 """
 import argparse
-import hashlib
+import fcntl
 import json
 import math
 import os
@@ -32,74 +37,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
 
 import data
-import e2vpt
 import fewshot
-import lora
 import vit as vitlib
-import vpt
 
-CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"  # git-ignored
-MODULES = {"vpt": vpt.VPT, "vpt-shallow": vpt.VPT, "e2vpt": e2vpt.E2VPT, "lora": lora.LoRA}
+need = fewshot.need
 BACKBONE = dict(per_class=128, epochs=2, lr=1e-3, wd=0.05, batch=128)  # ~98k image-steps, a few minutes on 2 cores
 PVP = dict(per_class=64, epochs=3, lr=5e-3, wd=1e-4, batch=128)  # ~37k image-steps
-
-# -----------------------------------------------------------------------------
-# module checkpoints: .safetensors with a JSON header, written atomically
-
-
-def atomic(write, path):
-    """write(tmp) then rename: a kill leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def weights_hash(model):
-    """A short fingerprint of a backbone's weights, head excluded: a module checkpoint records it."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        if not k.startswith("head."):
-            h.update(k.encode()), h.update(v.detach().cpu().float().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def save_module(model, path, meta):
-    tensors = {k: v.contiguous() for k, v in model.module_state_dict(head=False).items()}
-    atomic(lambda p: save_file(tensors, p, metadata={"nanopetl": json.dumps(meta)}), path)
-
-
-def read_module(path, backbone):
-    """(meta, tensors) of a module checkpoint, refused unless it was made on this very backbone."""
-    path = Path(path)
-    try:
-        with safe_open(path, "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("nanopetl", "null"))
-        tensors = load_file(path)
-    except Exception as e:  # safetensors reports truncation and foreign files in several exception types
-        raise vitlib.CheckpointError(f"{path}: not a readable module checkpoint ({e}); make one with "
-                                     "python pvp_pretrain.py") from None
-    if not meta or meta.get("method") not in MODULES:
-        raise vitlib.CheckpointError(f"{path}: a .safetensors file without nanoPETL's module header (a backbone? "
-                                     "that goes to --weights); make a module checkpoint with python pvp_pretrain.py "
-                                     "--weights <the backbone>")
-    if meta["backbone_hash"] != weights_hash(backbone):
-        raise vitlib.CheckpointError(
-            f"{path} was pre-trained on backbone {meta['backbone']} (weights {meta['backbone_hash']}), not on this one "
-            f"(weights {weights_hash(backbone)}): pre-train it on this backbone with pvp_pretrain.py --weights")
-    return meta, tensors
-
-
-def load_module(path, backbone, num_classes):
-    """The pre-trained module on `backbone`, with a fresh head of num_classes."""
-    meta, tensors = read_module(path, backbone)
-    model = MODULES[meta["method"]](backbone, num_classes=num_classes, **meta["config"])
-    model.load_module_state_dict(tensors, head=False)
-    return model
+PRETRAINABLE = [m for m in fewshot.METHODS if m != "pvp"]  # which of them can be: checked in check()
 
 # -----------------------------------------------------------------------------
 # pre-training: the backbone (embedded world only) and the modules, both through fewshot.train
@@ -117,95 +64,130 @@ def source_task(args, img_size):
     return task
 
 
+def recipe(args, backbone_hash, config):
+    """What makes the checkpoint: a resume file or a checkpoint built with another recipe is not this run's."""
+    return json.loads(json.dumps(dict(  # as JSON gives it back: tuples are lists
+        method="backbone" if args.backbone else args.method, config=config, backbone_hash=backbone_hash,
+        source=args.data, data_root=args.data_root and str(Path(args.data_root).resolve()), per_class=args.per_class,
+        norm=args.norm, seed=args.seed, epochs=args.epochs, lr=args.lr, wd=args.wd, batch=args.batch,
+        warmup=args.warmup, optimizer=args.optimizer, amp=args.amp)))
+
+
+def read_resume(path, wanted):
+    """(model tensors, optimizer state, next epoch) from <out>.resume, refused unless it records this recipe."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        theirs = json.loads(state["recipe"])
+        tensors, opt_state, epoch = state["model"], state["optimizer"], state["epoch"]
+    except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, TypeError, EOFError, OSError) as e:
+        why = ("Pickled objects are refused, since loading them can run code" if isinstance(e, pickle.UnpicklingError)
+               else "Written by another version of nanoPETL, or damaged")
+        raise vitlib.CheckpointError(f"{path}: not the resume file of this run ({vitlib.error_line(e)}). {why}: "
+                                     "delete it to start over") from None
+    if differ := [f"{k} {theirs.get(k)!r} there, {v!r} here" for k, v in wanted.items() if theirs.get(k) != v]:
+        raise vitlib.CheckpointError(f"{path}: the resume file of another run ({'; '.join(differ)}): delete it to "
+                                     "start over, or re-run with the flags that wrote it")
+    return tensors, opt_state, epoch + 1
+
+
 def pretrain(args, backbone=None, backbone_name="vit_synthetic"):
     """Train a module (or, with args.backbone, the embedded ViT itself) on the source; write the checkpoint."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     device = fewshot.pick_device(args.device)
     task = source_task(args, backbone.img_size if backbone is not None else 32)
-    backbone_hash = weights_hash(backbone) if backbone is not None else None  # before LoRA wraps its layers
+    backbone_hash = fewshot.weights_hash(backbone) if backbone is not None else None  # before LoRA wraps its layers
     torch.manual_seed(args.seed)  # the module's (or backbone's) initialisation
     if args.backbone:
         model = vitlib.vit_synthetic(num_classes=task.num_classes)
     else:
-        model = MODULES[args.method](backbone, num_classes=task.num_classes, **module_config(args))
+        model = fewshot.build(args.method, backbone, task.num_classes, args)
     model.to(device)
+    wanted = recipe(args, backbone_hash, getattr(model, "config", None))
     cfg = fewshot.Config(lr=args.lr, wd=args.wd, batch=args.batch, epochs=args.epochs, warmup=args.warmup,
                          optimizer=args.optimizer, amp=args.amp, max_steps=0)
     resume, start, opt_state = Path(str(args.out) + ".resume"), 0, None
     if args.resume and resume.exists():
-        try:
-            state = torch.load(resume, map_location="cpu", weights_only=True)
-            model.load_state_dict(state["model"]) if args.backbone else model.load_module_state_dict(state["model"])
-            start, opt_state = state["epoch"] + 1, state["optimizer"]
-        except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, TypeError, EOFError) as e:
-            why = ("Pickled objects are refused, since loading them can run code" if isinstance(e, pickle.UnpicklingError)
-                   else "Written by another run (another --method, --prompts, --rank or backbone), or damaged")
-            raise vitlib.CheckpointError(f"{resume}: not the resume file of this run ({vitlib.error_line(e)}). {why}: "
-                                         "delete it to start over, or re-run with the flags that wrote it") from None
+        tensors, opt_state, start = read_resume(resume, wanted)
+        model.load_state_dict(tensors) if args.backbone else model.load_module_state_dict(tensors)
         print(f"resuming {args.out} after epoch {start} of {args.epochs}")
+    elif args.resume:
+        print(f"no resume file at {resume}: starting {args.out} from scratch")
 
     def on_epoch(epoch, opt):
         if rank == 0:
             tensors = model.state_dict() if args.backbone else model.module_state_dict()
-            atomic(lambda p: torch.save(dict(model=tensors, optimizer=opt.state_dict(), epoch=epoch), p), resume)
+            state = dict(model=tensors, optimizer=opt.state_dict(), epoch=epoch, recipe=json.dumps(wanted))
+            fewshot.atomic(lambda p: torch.save(state, p), resume)
 
     t0 = time.time()
     fewshot.train(model, task.train, task, cfg, device, seed=args.seed, desc=f"pre-training {Path(args.out).name}",
                   start_epoch=start, opt_state=opt_state, on_epoch=on_epoch, distributed=True)
     acc = fewshot.evaluate(model, task.val, task, device)
     if rank == 0:
+        meta = dict(recipe=wanted, source=task.name, source_classes=task.num_classes, epochs=args.epochs,
+                    source_top1=acc, seed=args.seed)
         if args.backbone:
             sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-            meta = dict(preset="vit_synthetic", source=task.meta, epochs=args.epochs, source_top1=acc)
-            atomic(lambda p: save_file(sd, p, metadata={"nanopetl": json.dumps(meta)}), args.out)
+            meta |= dict(preset="vit_synthetic", source_meta=task.meta)
+            fewshot.atomic(lambda p: save_file(sd, p, metadata={"nanopetl": json.dumps(meta)}), args.out)
         else:
-            save_module(model, args.out, dict(
-                method=args.method, config=model.config, backbone=backbone_name,
-                backbone_hash=backbone_hash, source=task.name, source_classes=task.num_classes,
-                epochs=args.epochs, source_top1=acc, seed=args.seed))
+            fewshot.save_module(model, args.out, meta | dict(method=args.method, config=model.config,
+                                                             backbone=backbone_name, backbone_hash=backbone_hash))
         resume.unlink(missing_ok=True)
         print(f"wrote {args.out}: source val top-1 {acc:.2f}% after {args.epochs} epochs, {time.time() - t0:.0f}s")
     return model
 
+# -----------------------------------------------------------------------------
+# one builder per --out: a lock beside it, and reuse of what another process built meanwhile
 
-def module_config(args):
-    """The constructor arguments of args.method from the flags."""
-    if args.method == "e2vpt":
-        return dict(num_prompts=args.prompts, num_kv_prompts=args.kv_prompts)
-    if args.method == "lora":
-        return dict(rank=args.rank, alpha=args.rank)
-    return dict(num_prompts=args.prompts, deep=args.method == "vpt")
+
+def locked(path):
+    """An open file holding the exclusive lock <path>.lock (waits, and says so, while another process holds it)."""
+    lock = Path(str(path) + ".lock")
+    while True:
+        f = open(lock, "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting: another process is building {path}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        if lock.exists() and os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:  # not a lock file its holder removed
+            return f
+        f.close()
+
+
+def built_meanwhile(path, before, args, backbone):
+    """True when another process wrote `path` while we waited for the lock, with the recipe we would use."""
+    try:
+        now = path.stat()
+    except FileNotFoundError:
+        return False
+    if before is not None and (now.st_ino, now.st_mtime_ns) == (before.st_ino, before.st_mtime_ns):
+        return False  # the file we were asked to rebuild
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            theirs = json.loads((f.metadata() or {}).get("nanopetl", "{}")).get("recipe")
+    except Exception:
+        return False
+    mine = recipe(args, fewshot.weights_hash(backbone) if backbone is not None else None,
+                  None if args.backbone else config_of(args))
+    return theirs == mine
 
 # -----------------------------------------------------------------------------
-# what fewshot.py calls when the embedded pieces are missing
-
-
-def embedded_backbone():
-    path = CHECKPOINTS / "vit_synthetic.safetensors"
-    if not path.exists():
-        print("building the embedded backbone once: vit_synthetic trained from scratch on the synthetic backbone "
-              f"source (about 3-4 minutes on a 2-core CPU); cached at {path}")
-        pretrain(parse(["--backbone", "--out", str(path)]))
-    return vitlib.load_pretrained(vitlib.vit_synthetic(num_classes=0), path, verbose=False).eval()
-
-
-def embedded_pvp(backbone):
-    path = CHECKPOINTS / "pvp_vpt_vit_synthetic.safetensors"
-    stale = path.exists() and json.loads(safe_open(path, "pt").metadata()["nanopetl"])["backbone_hash"] != weights_hash(backbone)
-    if not path.exists() or stale:
-        print(f"building the embedded PVP prompts once{' (the backbone changed)' if stale else ''}: VPT-deep pre-trained on "
-              f"the synthetic PVP source (about 1-2 minutes on a 2-core CPU); cached at {path}")
-        pretrain(parse(["--out", str(path)]), backbone)
-    return path
+# the command line
 
 
 def parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", action="store_true", help="train the embedded backbone from scratch instead of a module")
-    ap.add_argument("--method", default="vpt", choices=list(MODULES), help="the module to pre-train (default: vpt, deep)")
-    ap.add_argument("--prompts", type=int, default=10, help="prompt tokens per layer (vpt, e2vpt)")
-    ap.add_argument("--kv-prompts", type=int, default=5, help="E2VPT key-value prompts per layer")
-    ap.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    ap.add_argument("--method", default="vpt", help=f"the module to pre-train: {', '.join(PRETRAINABLE)} "
+                                                    "(default: vpt, deep)")
+    ap.add_argument("--opt", action="append", metavar="NAME=VALUE", help="an option of the method's constructor "
+                                                                         "(repeat for more), as in fewshot.py")
+    ap.add_argument("--prompts", type=int, default=None, help="prompt tokens per layer (vpt, e2vpt; default 10)")
+    ap.add_argument("--kv-prompts", type=int, default=None, help="E2VPT key-value prompts per layer (default 5)")
+    ap.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8)")
     ap.add_argument("--weights", default=None, help="backbone: a vit.PRETRAINED name or a path (default: the embedded one)")
     ap.add_argument("--arch", default="vit_base_patch16", choices=list(vitlib.PRESETS), help="preset for --weights")
     ap.add_argument("--data", default=None, help="source: synthetic (default), imagenet, or any fewshot.py dataset name")
@@ -219,7 +201,7 @@ def parser():
     ap.add_argument("--warmup", type=float, default=0.05, help="fraction of steps of linear warmup")
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:<n> or mps")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     ap.add_argument("--out", default=None, help="checkpoint path (default: checkpoints/pvp_<method>_<backbone>.safetensors)")
     ap.add_argument("--resume", action="store_true", help="continue from <out>.resume, written after every epoch")
@@ -238,53 +220,108 @@ def parse(argv):
 
 def check(args):
     """Refuse flags that cannot work before any time is spent: one fewshot.UsageError naming the flag."""
-    need = fewshot.need
     need(not (args.backbone and args.weights), "--backbone trains the embedded ViT from scratch; it takes no --weights")
-    for flag in ("epochs", "batch", "per_class", "prompts", "rank"):
+    need(args.method in PRETRAINABLE, f"--method {args.method}: not a method to pre-train; choose one of "
+         f"{', '.join(PRETRAINABLE)}")
+    for flag in ("epochs", "batch", "per_class"):
         need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    need(args.kv_prompts >= 0, f"--kv-prompts must be at least 0, got {args.kv_prompts}")
+    for flag, low in (("prompts", 1), ("rank", 1), ("kv_prompts", 0)):
+        need(getattr(args, flag) is None or getattr(args, flag) >= low,
+             f"--{flag.replace('_', '-')} must be at least {low}, got {getattr(args, flag)}")
     need(0 < args.lr and math.isfinite(args.lr), f"--lr must be a positive number, got {args.lr}")
     need(args.wd >= 0 and math.isfinite(args.wd), f"--wd must be a number >= 0, got {args.wd}")
     need(0 <= args.warmup <= 1, f"--warmup must be a fraction in [0, 1], got {args.warmup}")
+    need(0 <= args.seed <= fewshot.MAX_SEED, f"--seed must be a whole number from 0 to {fewshot.MAX_SEED}, got {args.seed}")
+    need(args.norm in data.NORMS, f"--norm {args.norm}: choose one of {', '.join(data.NORMS)}")
+    need(args.data in ("synthetic", "synthetic-backbone") or args.data in data.DATASETS[1:], f"unknown source --data "
+         f"{args.data}: choose synthetic or one of {', '.join(data.DATASETS[1:])}")
     need(args.data_root is None or not args.data.startswith("synthetic"), f"--data-root is for a source on disk "
          f"(--data imagenet, imagefolder, ...); the embedded --data {args.data} has none: drop it")
-    need(args.out is None or not Path(args.out).is_dir(), f"--out {args.out} is a folder: give the checkpoint's file "
-         f"name, e.g. {Path(args.out or '.') / 'pvp.safetensors'}")
-    try:
-        device = fewshot.pick_device(args.device)
-    except RuntimeError:
-        raise fewshot.UsageError(f"--device {args.device}: not a torch device; use auto, cpu, cuda or mps") from None
+    need(args.data.startswith("synthetic") or (args.data_root and Path(args.data_root).is_dir()),
+         f"--data {args.data} reads from disk: give an existing folder as --data-root")
+    need(args.weights is None or args.weights in vitlib.PRETRAINED or Path(args.weights).is_file(),
+         f"--weights: no checkpoint file at {args.weights}, and not one of the named weights "
+         f"{', '.join(vitlib.PRETRAINED)}")
+    device = fewshot.check_device("--device", args.device)
     need(not args.amp or device.type == "cuda", f"--amp is bf16 autocast on CUDA, and this run is on {device.type}: "
          "drop --amp")
+    fewshot.check_environment()
+    if not args.backbone:  # the options, and whether the method has a module to pre-train at all
+        config_of(args, check_module=True)
+    need(args.out is None or not Path(args.out).is_dir(), f"--out {args.out} is a folder: give the checkpoint's file "
+         f"name, e.g. {Path(args.out or '.') / 'pvp.safetensors'}")
+
+
+def config_of(args, check_module=False):
+    """The module's config as its constructor resolves it, from a weightless 'meta' build (no memory, no weights);
+    check_module: refuse a method with no module besides its head, or one that trains the backbone."""
+    arch = "vit_synthetic" if args.weights is None else vitlib.PRETRAINED.get(args.weights, {}).get("preset", args.arch)
+    with torch.device("meta"):
+        skeleton = vitlib.PRESETS[arch](num_classes=0)
+        frozen = list(skeleton.parameters())
+        try:
+            model = fewshot.build(args.method, skeleton, 2, args)
+        except (TypeError, ValueError) as e:
+            raise fewshot.UsageError(f"--method {args.method}: {e}; change the option") from None
+    own = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    need(not check_module or (own and not any(p.requires_grad for p in frozen)), f"--method {args.method}: PVP "
+         f"pre-trains a module beside a frozen backbone, and {args.method} " +
+         ("trains the backbone" if own else "has only a head"))
+    return model.config
+
+
+def check_writable(out):
+    """--out's folder exists (made if needed) and takes a file: found before training, not after."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fewshot.atomic(lambda p: Path(p).write_bytes(b""), out.parent / ".nanopetl-write-test")
+        (out.parent / ".nanopetl-write-test").unlink()
+    except OSError as e:
+        raise fewshot.UsageError(f"--out {out}: cannot write in {out.parent} ({e.strerror or e}): give a path in a "
+                                 "folder you can write to") from None
 
 
 def main(argv=None):
     args = parse(argv)
     check(args)
-    args.device = str(fewshot.init_distributed(args.device)[2])  # under torchrun: DDP, one device per rank
+    rank, world, device = fewshot.init_distributed(args.device)  # under torchrun: DDP, one device per rank
+    args.device = str(device)
     backbone, name = (None, None) if args.backbone else fewshot.load_backbone(args.weights, args.arch)
     if args.out is None:  # checkpoints/vit_synthetic.safetensors, or e.g. checkpoints/pvp_vpt_ViT-B_16.safetensors
-        args.out = CHECKPOINTS / ("vit_synthetic" if args.backbone else f"pvp_{args.method}_{Path(name.split(':')[-1]).stem}")
-        args.out = str(args.out) + ".safetensors"
+        stem = "vit_synthetic" if args.backbone else f"pvp_{args.method}_{Path(name.split(':')[-1]).stem}"
+        args.out = str(fewshot.CHECKPOINTS / stem) + ".safetensors"
+    out = Path(args.out)
+    check_writable(out)
+    before = out.stat() if out.exists() else None
+    lock = locked(out) if world == 1 else None  # under torchrun the launch is deliberate: every rank trains
     try:
+        if lock and built_meanwhile(out, before, args, backbone):
+            print(f"{out} was built meanwhile by another process with this recipe: reusing it")
+            return 0
         pretrain(args, backbone, name)
     except KeyboardInterrupt:
         resume = Path(str(args.out) + ".resume")
         print("\ninterrupted: " + (f"{resume} holds the last finished epoch; run the same command with --resume to go "
               "on" if resume.exists() else "no epoch had finished; run the same command again"), file=sys.stderr)
         return 130
+    finally:
+        if lock:
+            Path(str(out) + ".lock").unlink(missing_ok=True)  # while held: a waiter sees it gone and takes a new one
+            lock.close()
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    fail = fewshot.fail
+    fewshot.terminate_as_interrupt()
     try:
         sys.exit(main())
     except (fewshot.UsageError, data.DataError, vitlib.CheckpointError) as e:
-        fail(f"error: {e}")
+        fewshot.fail(f"error: {e}")
     except OSError as e:  # a full disk or a folder we may not write, while saving the checkpoint or its resume file
-        fail(f"error: cannot write {e.filename or 'the checkpoint'}: {e.strerror or e}. The resume file beside the "
-             "checkpoint (<out>.resume) keeps the last epoch saved: free some space, then run the same command with "
-             "--resume")
+        out = parse(sys.argv[1:]).out
+        resume = Path(f"{out}.resume") if out else None
+        fewshot.fail(fewshot.os_error_line(e, f"{resume} keeps the last finished epoch: fix it, then run the same "
+                                              "command with --resume" if resume and resume.exists() else
+                                              "No epoch had been saved"))

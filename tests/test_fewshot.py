@@ -70,7 +70,7 @@ def test_every_method_writes_a_results_line_summary_and_plot(world, tmp_path):
     assert trainable["full"] == records[0]["backbone_params"] + trainable["linear"]
     assert trainable["pvp"] == trainable["vpt"]  # a VPT-deep module of the same size, re-headed
     summary = (tmp_path / "summary.md").read_text()
-    assert all(f"| {m} | 1 |" in summary for m in fewshot.METHODS)
+    assert all(f"| {m} | 1 |" in summary for m in fewshot.METHODS if m != "pvp") and "| pvp(vpt) | 1 |" in summary
     assert (tmp_path / "accuracy_vs_shots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -106,7 +106,7 @@ def test_nan_loss_fails_that_run_and_the_sweep_goes_on(world, tmp_path, monkeypa
             Exploding.steps += self.training
             return super().forward(images) * (float("nan") if self.training and Exploding.steps > 1 else 1.0)
 
-    monkeypatch.setitem(fewshot.METHODS, "exploding", lambda v, c, cfg: Exploding(v, num_classes=c))
+    monkeypatch.setitem(fewshot.METHODS, "exploding", Exploding)
     assert fewshot.main(args(world, tmp_path, "--method", "exploding,linear")) == 0
     records = lines(tmp_path)
     assert [(r["method"], r["status"]) for r in records] == [("exploding", "failed"), ("linear", "ok")]
@@ -146,7 +146,7 @@ class BiasOnly(nn.Module):
 
 
 def test_a_new_method_is_one_registry_line(world, tmp_path, monkeypatch):
-    monkeypatch.setitem(fewshot.METHODS, "bias", lambda v, c, cfg: BiasOnly(v, num_classes=c))
+    monkeypatch.setitem(fewshot.METHODS, "bias", BiasOnly)
     assert fewshot.main(args(world, tmp_path, "--method", "bias")) == 0
     [r] = lines(tmp_path)
     biases = sum(p.numel() for n, p in vit.vit_synthetic(num_classes=0).named_parameters() if n.endswith(".bias"))
@@ -185,7 +185,7 @@ def test_bad_arguments_give_one_clear_message(world, tmp_path, argv, needle):
 def test_module_checkpoint_is_safetensors_with_its_story(world):
     meta = json.loads(__import__("safetensors").safe_open(world["pvp"], "pt").metadata()["nanopetl"])
     assert meta["method"] == "vpt" and meta["config"]["deep"] is True and meta["source"] == "synthetic"
-    assert meta["backbone_hash"] == pvp_pretrain.weights_hash(vit.load_pretrained(vit.vit_synthetic(num_classes=0), world["backbone"], verbose=False))
+    assert meta["backbone_hash"] == fewshot.weights_hash(vit.load_pretrained(vit.vit_synthetic(num_classes=0), world["backbone"], verbose=False))
     assert 0 <= meta["source_top1"] <= 100 and meta["epochs"] == 1
     assert set(load_file(world["pvp"])) == {"prompts"}  # the module only: no source head, no backbone
 
@@ -197,10 +197,10 @@ def test_weights_hash_tracks_backbone_not_head():
         b.head.weight.zero_()
     same = {k: v for k, v in a.state_dict().items() if not k.startswith("head.")}
     b.load_state_dict({**same, "head.weight": b.head.weight, "head.bias": b.head.bias})
-    assert pvp_pretrain.weights_hash(a) == pvp_pretrain.weights_hash(b)
+    assert fewshot.weights_hash(a) == fewshot.weights_hash(b)
     with torch.no_grad():
         b.blocks[0].norm1.bias.add_(1e-3)
-    assert pvp_pretrain.weights_hash(a) != pvp_pretrain.weights_hash(b)
+    assert fewshot.weights_hash(a) != fewshot.weights_hash(b)
 
 
 def pretrain_argv(world, out, epochs=3):
@@ -241,9 +241,9 @@ def test_torchrun_two_processes_write_one_checkpoint(world, tmp_path):
 def test_embedded_backbone_and_pvp_are_built_once_then_reused(tmp_path, monkeypatch):
     """The main job's path with no --weights and no --pvp-init, at a micro budget: both pieces are built, cached,
     and the next run reuses them."""
-    monkeypatch.setattr(pvp_pretrain, "CHECKPOINTS", tmp_path / "checkpoints")
-    monkeypatch.setattr(pvp_pretrain, "BACKBONE", dict(per_class=2, epochs=1, lr=1e-3, wd=0.05, batch=128))
-    monkeypatch.setattr(pvp_pretrain, "PVP", dict(per_class=2, epochs=1, lr=5e-3, wd=1e-4, batch=128))
+    monkeypatch.setattr(fewshot, "CHECKPOINTS", tmp_path / "checkpoints")
+    monkeypatch.setattr(fewshot, "SHIPPED_BACKBONE", tmp_path / "not-shipped.safetensors")
+    monkeypatch.setattr(fewshot, "EMBEDDED_BUILD", ["--per-class", "2", "--epochs", "1", "--device", "cpu"])
     argv = ["--method", "pvp", "--shots", "1", "--seeds", "0", "--data", "synthetic:shape", "--epochs", "1",
             "--out", str(tmp_path / "out")]
     assert fewshot.main(argv) == 0
@@ -251,7 +251,7 @@ def test_embedded_backbone_and_pvp_are_built_once_then_reused(tmp_path, monkeypa
     assert built == ["pvp_vpt_vit_synthetic.safetensors", "vit_synthetic.safetensors"]
     [r] = lines(tmp_path / "out")
     assert r["status"] == "ok" and r["backbone"] == "vit_synthetic" and r["protocol"]["max_steps"] == 100
-    monkeypatch.setattr(pvp_pretrain, "pretrain", lambda *a, **k: pytest.fail("a cached piece was built again"))
+    monkeypatch.setattr(fewshot, "pretrain_once", lambda *a, **k: pytest.fail("a cached piece was built again"))
     assert fewshot.main([*argv[:-1], str(tmp_path / "again")]) == 0
 
 
@@ -288,7 +288,7 @@ class PixelProbe(nn.Module):
 
 
 def test_grid_picks_the_lr_that_wins_on_val_and_records_it(world, tmp_path, monkeypatch):
-    monkeypatch.setitem(fewshot.METHODS, "pixels", lambda v, c, cfg: PixelProbe(v, num_classes=c))
+    monkeypatch.setitem(fewshot.METHODS, "pixels", PixelProbe)
     a = args(world, tmp_path, "--method", "pixels", "--shots", "4", "--seeds", "0,1", "--epochs", "20",
              "--grid", "--grid-lr", "1e-9,5e-2", "--grid-wd", "0,0.1")
     a[a.index("synthetic:shape")] = "synthetic:colour"
