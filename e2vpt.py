@@ -191,6 +191,12 @@ class E2VPT(nn.Module):
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
+    @staticmethod
+    def trainable_count(vit, num_classes, *, num_prompts, num_kv_prompts, segments, shared_kv, dropout):
+        """The formula of the docstring: depth*P*dim + depth*T*dim (x2 when not shared) + (dim+1)*classes."""
+        L, D = len(vit.blocks), vit.dim
+        return L * num_prompts * D + L * num_kv_prompts * D * (1 if shared_kv else 2) + (D + 1) * num_classes
+
     def _own(self, head):
         """The method's tensors by name (the live ones), as in this module's state_dict: prompts, kv_prompts (or
         key_prompts, value_prompts), token_mask, segment_mask, head.weight, head.bias."""
@@ -222,7 +228,9 @@ class E2VPT(nn.Module):
 
 # -----------------------------------------------------------------------------
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # parameter counts on ViT-B/16 and a forward of a tiny random ViT; takes no arguments
+    import argparse
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     with torch.device("meta"):  # counting needs no memory
         base = vit_base_patch16(num_classes=0)
     backbone = sum(p.numel() for p in base.parameters())

@@ -191,6 +191,23 @@ class LinearProbe(nn.Module):
         mine = self.state_dict() if self.trains_backbone else self.head.state_dict(prefix="head.")
         return {k: v.detach().cpu().clone() for k, v in mine.items() if head or not k.startswith("head.")}
 
+    def load_module_state_dict(self, sd, head=True):
+        """Copy `sd` into the tensors module_state_dict names; each must be there with its shape, or ValueError."""
+        names = self.module_state_dict(head)
+        own = {k: v for k, v in self.state_dict(keep_vars=True).items() if k in names}
+        sd = {k: v for k, v in sd.items() if head or not k.startswith("head.")}
+        if problems := sorted(set(own) ^ set(sd)) + [k for k in own if k in sd and own[k].shape != sd[k].shape]:
+            raise ValueError(f"{self.name} module state dict does not fit: missing, unexpected or reshaped {problems}")
+        with torch.no_grad():
+            for k, v in sd.items():
+                own[k].copy_(v)
+        return self
+
+    @classmethod
+    def trainable_count(cls, vit, num_classes):
+        """The head's (dim+1) * classes, plus every backbone weight when it trains (full)."""
+        return (vit.dim + 1) * num_classes + cls.trains_backbone * sum(p.numel() for p in vit.parameters())
+
 
 class FullFinetune(LinearProbe):
     """Every backbone weight trains, with the new head."""
@@ -277,6 +294,8 @@ def atomic(write, path):
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # name the file being written, not its temporary twin
+        raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         Path(tmp).unlink(missing_ok=True)
 

@@ -263,6 +263,11 @@ def config_of(args, check_module=False):
             model = fewshot.build(args.method, skeleton, 2, args)
         except (TypeError, ValueError) as e:
             raise fewshot.UsageError(f"--method {args.method}: {e}; change the option") from None
+    takes = fewshot.options_of(fewshot.METHODS[args.method])
+    for k in fewshot.given_options(args).keys() - takes.keys() if check_module else ():
+        flag = next((f"--{f.replace('_', '-')}" for f, (o, _) in fewshot.FLAGS.items() if o == k), None)
+        need(flag, f"--opt {k}: --method {args.method} does not take it; it takes {', '.join(takes) or 'no options'}")
+        print(f"warning: {flag} is ignored: --method {args.method} does not take {k}", file=sys.stderr)
     own = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
     need(not check_module or (own and not any(p.requires_grad for p in frozen)), f"--method {args.method}: PVP "
          f"pre-trains a module beside a frozen backbone, and {args.method} " +

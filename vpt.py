@@ -77,6 +77,11 @@ class VPT(nn.Module):
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
+    @staticmethod
+    def trainable_count(vit, num_classes, *, num_prompts, deep, dropout):
+        """The formula of the docstring: (depth if deep else 1) * p * dim, plus the head's (dim+1) * classes."""
+        return (len(vit.blocks) if deep else 1) * num_prompts * vit.dim + (vit.dim + 1) * num_classes
+
     def _own(self, head):
         """The method's tensors by name (the live ones), as in this module's state_dict."""
         return {k: v for k, v in self.state_dict(keep_vars=True).items()
@@ -107,7 +112,9 @@ class VPT(nn.Module):
 
 # -----------------------------------------------------------------------------
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # parameter counts on ViT-B/16 and a forward of a tiny random ViT; takes no arguments
+    import argparse
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     with torch.device("meta"):  # counting needs no memory
         base = vit_base_patch16(num_classes=0)
     backbone = sum(p.numel() for p in base.parameters())

@@ -89,9 +89,9 @@ def world(tmp_path_factory):
     save_backbone(d / "other.safetensors", seed=1)  # same shape, other weights
     save_backbone(d / "narrow.safetensors", seed=0, dim=64, heads=2)  # another ViT's shape
     module = vpt.VPT(bb, num_classes=3, num_prompts=10, deep=True)  # a PVP checkpoint made on bb (not trained)
-    pvp_pretrain.save_module(module, d / "pvp.safetensors", dict(
+    fewshot.save_module(module, d / "pvp.safetensors", dict(
         method="vpt", config=module.config, backbone="vit_synthetic:bb.safetensors",
-        backbone_hash=pvp_pretrain.weights_hash(bb), source="none", source_classes=3, epochs=0, source_top1=0.0, seed=0))
+        backbone_hash=fewshot.weights_hash(bb), source="none", source_classes=3, epochs=0, source_top1=0.0, seed=0))
     torch.save(bb.state_dict(), d / "bb.pth")
     np.savez(d / "bb.npz", **{k: v.numpy() for k, v in bb.state_dict().items()})
     cut(d / "bb.safetensors", d / "cut.safetensors"), cut(d / "bb.pth", d / "cut.pth"), cut(d / "bb.npz", d / "cut.npz")
@@ -268,15 +268,17 @@ def env(w):
 
 def at_most_8gb():  # a fault that reads without end (e.g. /dev/full) fails alone instead of filling the machine
     resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a suite started in the background ignores SIGINT: not the child
 
 
-def spawn(script, args, w, hook=None, tag="p"):
+def spawn(script, args, w, hook=None, tag="p", extra_env=None):
     """A real process (stdout, stderr to files: a full pipe cannot stall it); a hook runs first, in its __main__."""
     cmd = [sys.executable, str(ROOT / script), *args] if hook is None else [sys.executable, "-c", (
         f"{hook}\nimport runpy, sys\nsys.argv = {[script, *args]!r}\n"
         f"runpy.run_path({str(ROOT / script)!r}, run_name='__main__')")]
     out, err = (open(w.tmp / f"{tag}.{s}", "w+") for s in ("out", "err"))
-    proc = subprocess.Popen(cmd, cwd=w.tmp, env=env(w), stdout=out, stderr=err, text=True, preexec_fn=at_most_8gb)
+    proc = subprocess.Popen(cmd, cwd=w.tmp, env={**env(w), **(extra_env or {})}, stdout=out, stderr=err, text=True,
+                            preexec_fn=at_most_8gb)
     proc.files = out, err
     return proc
 
@@ -454,6 +456,60 @@ def foreign_resume(w):
 def pickled_resume(w):
     torch.save(dict(model=Payload(w.dir / "EXECUTED"), optimizer={}, epoch=0), w.tmp / "m.safetensors.resume")
 
+
+def module_with(w, name, header=None, tensors=None):
+    """A copy of the world's PVP checkpoint with its header edited (header(meta) -> meta) or its tensors replaced."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(w.pvp, "pt") as f:
+        meta = json.loads(f.metadata()["nanopetl"])
+    t = load_file(w.pvp)
+    save_file(tensors(t) if tensors else t, w.tmp / name, metadata={"nanopetl": json.dumps(header(meta) if header else meta)})
+
+
+def without(key):
+    return lambda meta: {k: v for k, v in meta.items() if k != key}
+
+
+def with_nan(t):
+    t["prompts"][0, 0, :3] = float("nan")
+    return t
+
+
+def other_recipe_resume(w):
+    """The resume file of a run at another --lr: the same flags otherwise."""
+    args = pvp_pretrain.parse(fill(pp(lr="0.1"), w))
+    torch.save(dict(model={}, optimizer={}, epoch=0, recipe=json.dumps(pvp_pretrain.recipe(args, "h", {}))),
+               w.tmp / "m.safetensors.resume")
+
+
+def no_resume_mentioned(w, r):
+    assert "--resume" not in r.err and not (w.tmp / "m.safetensors.resume").exists()
+    assert "cannot write {}/m.safetensors.resume:".format(w.tmp) in r.err  # the file it wrote, not a temporary one
+
+
+FIRST_RESUME_WRITE_FAILS = """
+import errno, torch
+def save(obj, f, *a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device", str(f))
+torch.save = save
+"""
+
+RESULTS_UNREADABLE = """
+import errno, pathlib
+real = pathlib.Path.read_bytes
+def read_bytes(self):
+    if self.name == "results.jsonl":
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+    return real(self)
+pathlib.Path.read_bytes = read_bytes
+"""
+
+
+def results_exist(w):
+    w.out.mkdir()
+    (w.out / "results.jsonl").write_text("")
+
 # -----------------------------------------------------------------------------
 # the table
 
@@ -470,6 +526,7 @@ class Case:
     hook: str = None  # python run in the real process before the script: an injected fault
     during: Callable = None  # during(proc, w): acts on the running real process
     then: Callable = untouched  # then(w, result): what is kept, and the re-run
+    env: dict = None  # environment variables of the real process ("{tmp}" and the like filled in)
 
 
 IF = dict(data="imagefolder", data_root="{data}")  # flags for the imagefolder fixture
@@ -621,13 +678,62 @@ CASES = [
          script="pvp_pretrain.py"),
     Case("pretrain-weights-missing", None, pp(weights="{tmp}/none.pth"), 1, ("no checkpoint file at {tmp}/none.pth",),
          script="pvp_pretrain.py"),
-    Case("pretrain-unknown-method", None, pp(method="adapter"), 2, ("--method", "invalid choice: 'adapter'"),
+    Case("pretrain-unknown-method", None, pp(method="prompt-magic"), 1, ("--method prompt-magic", "lora"),
          script="pvp_pretrain.py"),
     Case("pretrain-resume-of-another-config", foreign_resume, pp(resume=True), 1,
          ("{tmp}/m.safetensors.resume", "another", "delete it"), script="pvp_pretrain.py", cli=True),
     Case("pretrain-pickled-resume", pickled_resume, pp(resume=True), 1,
          ("{tmp}/m.safetensors.resume", "Pickled objects", "delete it"), script="pvp_pretrain.py",
          then=not_executed),
+    # --- run identity, options, flags and environment, resume and writes (issue 11)
+    Case("device-xpu", None, fs(device="xpu"), 1, ("--device xpu", "cpu, cuda or mps")),
+    Case("device-meta", None, fs(device="meta"), 1, ("--device meta", "cpu, cuda or mps")),
+    Case("device-cuda-absent", None, fs(device="cuda:1"), 1, ("--device cuda:1", "no CUDA here")),
+    Case("seed-beyond-64-bits", None, fs(seeds=str(2**64)), 1, ("--seeds", "18446744073709551616", "4294967295")),
+    Case("seed-negative", None, fs(seeds="-1"), 1, ("--seeds", "'-1'", "from 0")),
+    Case("img-size-huge", None, fs(img_size="100000"), 1, ("--img-size", "100000", "1024")),
+    Case("cache-is-a-file", file_at("cachefile"), fs(), 1, ("NANOPETL_CACHE={tmp}/cachefile", "folder"),
+         env=dict(NANOPETL_CACHE="{tmp}/cachefile")),
+    Case("stray-local-rank", None, fs(), 1, ("LOCAL_RANK=0", "MASTER_ADDR", "torchrun", "unset LOCAL_RANK"),
+         env=dict(LOCAL_RANK="0")),
+    Case("opt-taken-by-no-method", None, fs(method="vpt,lora", opt="bottleneck=8"), 1,
+         ("--opt bottleneck", "none of --method vpt,lora", "vpt takes num_prompts")),
+    Case("opt-not-name-value", None, fs(method="vpt", opt="dropout"), 1, ("--opt 'dropout'", "NAME=VALUE")),
+    Case("opt-value-refused", None, fs(method="e2vpt", opt="segments=7"), 1, ("--method e2vpt", "segments=7")),
+    Case("opt-against-its-flag", None, fs(method="vpt", prompts="5", opt="num_prompts=6"), 1,
+         ("--prompts 5", "--opt num_prompts=6", "disagree")),
+    Case("flag-no-method-takes", None, fs(method="vpt", rank="4"), 0, ("warning: --rank is ignored",), then=one_ok_run),
+    Case("pvp-with-other-prompts", None, fs(method="vpt,pvp", pvp_init="{pvp}", prompts="100"), 1,
+         ("{pvp}", "num_prompts=10", "num_prompts=100", "like with like")),
+    Case("module-header-missing-field", lambda w: module_with(w, "nohash.safetensors", without("backbone_hash")),
+         fs(method="pvp", pvp_init="{tmp}/nohash.safetensors"), 1, ("nohash.safetensors", "header", "backbone_hash")),
+    Case("module-header-wrong-type", lambda w: module_with(w, "cfg.safetensors", lambda m: {**m, "config": [10]}),
+         fs(method="pvp", pvp_init="{tmp}/cfg.safetensors"), 1, ("cfg.safetensors", "config (list, not dict)")),
+    Case("module-header-unknown-option", lambda w: module_with(w, "opt.safetensors", lambda m: {
+        **m, "config": {**m["config"], "bottleneck": 8}}), fs(method="pvp", pvp_init="{tmp}/opt.safetensors"), 1,
+         ("opt.safetensors", "['bottleneck']", "vpt does not take")),
+    Case("module-with-nan", lambda w: module_with(w, "nan.safetensors", tensors=with_nan),
+         fs(method="linear,pvp", pvp_init="{tmp}/nan.safetensors"), 1, ("nan.safetensors", "prompts", "3 NaN")),
+    Case("results-unreadable", results_exist, fs(), 1, ("cannot read {out}/results.jsonl", "Permission denied",
+                                                        "--out"), hook=RESULTS_UNREADABLE, then=None),
+    Case("sigterm", None, fs(method="linear,vpt,lora,full"), 130,
+         ("interrupted: every finished run is in {out}/results.jsonl", "run the same command again"),
+         during=interrupt_after_first_line(signal.SIGTERM), then=ctrl_c_then),
+    Case("pretrain-resume-of-another-recipe", other_recipe_resume, pp(resume=True), 1,
+         ("{tmp}/m.safetensors.resume", "another run", "lr 0.1 there", "delete it"), script="pvp_pretrain.py"),
+    Case("pretrain-out-not-writable", not_writable, pp(out="{ro}/m.safetensors"), 1,
+         ("--out {ro}/m.safetensors", "cannot write"), script="pvp_pretrain.py"),
+    Case("pretrain-disk-full-before-any-epoch", None, pp(), 1, ("No space left", "No epoch had been saved"),
+         script="pvp_pretrain.py", hook=FIRST_RESUME_WRITE_FAILS, then=no_resume_mentioned),
+    Case("pretrain-full-finetune", None, pp(method="full"), 1, ("--method full", "trains the backbone"),
+         script="pvp_pretrain.py"),
+    Case("pretrain-linear", None, pp(method="linear"), 1, ("--method linear", "only a head"), script="pvp_pretrain.py"),
+    Case("pretrain-opt-unknown", None, pp(method="lora", opt="bottleneck=8"), 1, ("--method lora", "bottleneck"),
+         script="pvp_pretrain.py"),
+    Case("vpt-script-bad-argument", None, ["--bogus"], 2, ("unrecognized arguments: --bogus",), script="vpt.py",
+         then=None),
+    Case("lora-script-bad-argument", None, ["--rank", "4"], 2, ("unrecognized arguments",), script="lora.py", then=None),
+    Case("e2vpt-script-bad-argument", None, ["x"], 2, ("unrecognized arguments",), script="e2vpt.py", then=None),
 ]
 
 
@@ -636,8 +742,8 @@ def test_fault(case, w):
     if case.setup:
         case.setup(w)
     args = fill(case.argv, w)
-    if case.cli or case.hook or case.during:
-        proc = spawn(case.script, args, w, case.hook)
+    if case.cli or case.hook or case.during or case.env:
+        proc = spawn(case.script, args, w, case.hook, extra_env={k: fill([v], w)[0] for k, v in (case.env or {}).items()})
         if case.during:
             case.during(proc, w)
         r = finish(proc)
@@ -657,3 +763,14 @@ def test_fault(case, w):
         assert not missing, f"{missing} not in the message\n{errors[0]}"
     if case.then:
         case.then(w, r)
+
+
+def test_ctrl_c_rows_hold_when_the_suite_ignores_sigint(world, tmp_path, monkeypatch):
+    """A suite started from a background shell inherits SIGINT ignored; the row's child must still get Ctrl-C."""
+    [case] = [c for c in CASES if c.name == "ctrl-c"]
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        test_fault(case, SimpleNamespace(**world, tmp=tmp_path, out=tmp_path / "out", data=tmp_path / "data",
+                                         mp=monkeypatch, ro=tmp_path / "ro"))
+    finally:
+        signal.signal(signal.SIGINT, previous)
