@@ -224,7 +224,7 @@ def test_read_image_refuses_fifo_bomb_and_strip(tmp_path):
         data.read_image(tmp_path / "dir.png")
     with pytest.raises(DataError, match="none.png does not exist"):
         data.read_image(tmp_path / "none.png")
-    Image.new("L", (60000, 1)).save(tmp_path / "strip.png")  # Resize(256) would make it 15 M x 256 px, 11.5 GB
+    Image.new("L", (60000, 1)).save(tmp_path / "strip.png")  # Resize(256) would make it 15.4 M x 256 px, 11.8 GB
     with pytest.raises(DataError, match=r"strip\.png is 60000x1 px, one side over 100x the other"):
         data.read_image(tmp_path / "strip.png")
     Image.new("L", (300, 3)).save(tmp_path / "ok.png")  # 1:100 is still read
