@@ -497,8 +497,8 @@ def read_image(path):
     """One image file -> an RGB PIL image, as a viewer shows it. The mode rules:
       - EXIF orientation is applied (ImageOps.exif_transpose), unlike torchvision's ImageFolder loader: a photo a
         camera stored sideways is read upright; a file without an orientation tag is unchanged;
-      - 16- and 32-bit modes (I;16, I;16B, I, F) are scaled into 0..255 by their nominal range when every value lies
-        in it (0..65535 for integers, 0..1 for F; torchvision.io scales 16-bit PNGs alike), else by the image's own
+      - 16- and 32-bit modes (I;16, I;16B, I, F) are scaled into 0..255 by the first nominal range that holds every
+        value (integers 0..65535, as torchvision.io scales 16-bit PNGs; F 0..1, then 0..255), else by the image's own
         min..max (non-finite values read as 0). PIL's convert("RGB") would clip them: a 16-bit image turns white.
         Nominal, not own range: a dark image stays dark, and a flat one is not stretched into noise;
       - transparency (RGBA, LA, PA, or a tRNS entry on P, L or RGB) is composited over white: what lies under alpha 0
@@ -524,9 +524,8 @@ def read_image(path):
             if im.mode in ("I", "F") or im.mode.startswith("I;16"):
                 a = np.asarray(im, dtype=np.float32)
                 a = np.where(np.isfinite(a), a, 0)  # (H, W)
-                lo, hi = (0, 1) if im.mode == "F" else (0, 65535)
-                if a.min() < lo or a.max() > hi:
-                    lo, hi = a.min(), a.max()
+                nominal = ((0, 1), (0, 255)) if im.mode == "F" else ((0, 65535),)
+                lo, hi = next(((lo, hi) for lo, hi in nominal if lo <= a.min() and a.max() <= hi), (a.min(), a.max()))
                 im = Image.fromarray(np.round((a - lo) * 255 / max(hi - lo, 1e-12)).astype(np.uint8))  # L
             if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
                 im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
@@ -629,8 +628,8 @@ def load_task(name="synthetic", root=None, *, shots=None, seed=0, img_size=None,
     train_side, limit = side if train_aug == "crop_flip" else size, max_gb()
     if (need := 3 * (len(train) * train_side**2 + (len(val) + len(test)) * size**2)) > limit * 1e9:
         raise DataError(f"{name}: these splits take {need / 1e9:.1f} GB as uint8 at {size} px (test: {len(test):,} "
-                        f"images), over NANOPETL_MAX_GB={limit:g}: use a smaller image size (fewshot.py --img-size), or "
-                        f"raise NANOPETL_MAX_GB if the memory is there")
+                        f"images), over NANOPETL_MAX_GB={limit:g}: use a smaller image size (fewshot.py --img-size), "
+                        f"or raise NANOPETL_MAX_GB if the memory is there")
     splits = [_decode(items, resize, side, resample, crop, f"{name} {s}") if s == "train" else
               _decoded(tuple(items), resize, side, resample, crop, f"{name} {s}")
               for s, items, crop in (("train", train, train_side), ("val", val, size), ("test", test, size))]

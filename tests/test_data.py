@@ -169,6 +169,8 @@ def test_read_image_scales_16_and_32_bit_modes(tmp_path):
     Image.fromarray(wide.astype(np.float32)).save(tmp_path / "widef.tif")
     for f in ("wide.tif", "widef.tif"):
         assert np.abs(pixels(tmp_path / f)[..., 0] - want).max() <= 1, f
+    Image.fromarray((ramp / 65535 * 200).astype(np.float32)).save(tmp_path / "f255.tif")  # F in 0..255 (200 at most)
+    assert np.abs(pixels(tmp_path / "f255.tif")[..., 0] - want * 200 / 255).max() <= 1
     nan = (ramp / 65535).astype(np.float32)
     nan[0, :4] = [np.nan, np.inf, -np.inf, 0.5]
     Image.fromarray(nan).save(tmp_path / "nan.tif")

@@ -685,7 +685,7 @@ CASES = [
          then=not_executed),
     # --- data.py: images, layouts, annotations (issue 11) ---
     Case("fifo-in-class-folder", lambda w: imagefolder(w) or os.mkfifo(w.data / "test" / "dog" / "pipe.jpg"), fs(**IF),
-         1, ("image {data}/test/dog/pipe.jpg is not a regular file (a FIFO", "replace it"), cli=True),  # a hang: timeout
+         1, ("image {data}/test/dog/pipe.jpg is not a regular file (a FIFO", "replace it"), cli=True),  # cli: timeout
     Case("image-60000x1", image_in("test/cat/strip.png", lambda: Image.new("L", (60000, 1))), fs(**IF), 1,
          ("image {data}/test/cat/strip.png is 60000x1 px", "over 100x the other"), cli=True),  # cli: memory-capped
     Case("decompression-bomb", image_in("test/eel/bomb.png", lambda: Image.new("1", (10_000, 9_000))), fs(**IF), 1,
