@@ -24,7 +24,7 @@ medium large), freq (of the pattern: coarse medium fine), aspect (round long). S
 Each task has a train pool of 32, a val pool of 16 and a test set of 40 per class; the sources draw without end
 (.batch). No resize, crop or augmentation on the world; normalisation 0.5/0.5 ("inception").
 
-Real data (formats.md 2) is decoded once (PIL, threads), brought to img_size by a protocol preset (PROTOCOLS,
+Real data (formats.md 2) is decoded once (read_image, threads), brought to img_size by a protocol preset (PROTOCOLS,
 formats.md 3) and kept as uint8: 150,528 bytes per 224 px image (196,608 per 256 px training square), so CoOp's
 Food-101 test set (30,300) takes 4.6 GB, Flowers-102's (6,149) 0.9 GB, and a 32 px image 3 KB. Past NANOPETL_MAX_GB
 (default 8; max_gb) load_task stops and says how to go on: a smaller image size, or a larger limit (and from Python,
