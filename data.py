@@ -24,10 +24,11 @@ medium large), freq (of the pattern: coarse medium fine), aspect (round long). S
 Each task has a train pool of 32, a val pool of 16 and a test set of 40 per class; the sources draw without end
 (.batch). No resize, crop or augmentation on the world; normalisation 0.5/0.5 ("inception").
 
-Real data (formats.md 2) is decoded once (PIL, threads), brought to img_size by a protocol preset (PROTOCOLS,
+Real data (formats.md 2) is decoded once (read_image, threads), brought to img_size by a protocol preset (PROTOCOLS,
 formats.md 3) and kept as uint8: 150,528 bytes per 224 px image (196,608 per 256 px training square), so CoOp's
 Food-101 test set (30,300) takes 4.6 GB, Flowers-102's (6,149) 0.9 GB, and a 32 px image 3 KB. Past NANOPETL_MAX_GB
-(default 8) load_task stops and says how to go on (test_per_class=N, a smaller img_size, or a larger limit).
+(default 8; max_gb) load_task stops and says how to go on: a smaller image size, or a larger limit (and from Python,
+test_per_class=N, a seeded subset of each class of test).
 """
 import argparse
 import hashlib
@@ -35,6 +36,7 @@ import itertools
 import json
 import math
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -43,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
@@ -305,8 +307,31 @@ LAYOUTS = {  # what load_task expects under root, for the message when something
 TORCHVISION = {"flowers102": "Flowers102", "pets": "OxfordIIITPet", "aircraft": "FGVCAircraft", "food101": "Food101"}
 IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
+def _text(file):
+    """An annotation file's text: UTF-8, a byte-order mark dropped; other bytes are one line naming file and line."""
+    raw = file.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{file}:{line}: byte 0x{raw[e.start]:02x} is not UTF-8 text: save the file as UTF-8 (e.g. "
+                        f"iconv -f latin1 -t utf-8)") from None
+
 def _rows(file):  # (file:line, text) of each non-empty line
-    return [(f"{file}:{n}", line.strip()) for n, line in enumerate(file.read_text().splitlines(), 1) if line.strip()]
+    return [(f"{file}:{n}", line.strip()) for n, line in enumerate(_text(file).splitlines(), 1) if line.strip()]
+
+def _mapping(file, valid, shape):
+    """A JSON file holding an object whose every value passes valid(); else one line naming the file (and its line
+    or entry) and `shape`, what belongs there."""
+    try:
+        m = json.loads(_text(file))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{file}:{e.lineno}: not valid JSON ({e.msg}): re-create it") from None
+    if not isinstance(m, dict):
+        raise DataError(f"{file}: a JSON {type(m).__name__} where {shape} belongs: re-create it")
+    if bad := next((k for k, v in m.items() if not valid(v)), None):
+        raise DataError(f"{file}: entry {bad!r} holds {json.dumps(m[bad])[:60]}, but {shape} belongs there: fix it")
+    return m
 
 def _list(file, base, num_classes=None):
     """'<relpath> <label>' lines (split at the last space) -> [(base / relpath, label)], checked line by line."""
@@ -317,7 +342,8 @@ def _list(file, base, num_classes=None):
         problem = (f"expected '<relative path> <label>', the label a class number{classes}, not {label!r}"
                    if not rel or not label.isdigit() else
                    f"label {label} is out of range 0..{num_classes - 1}" if num_classes and int(label) >= num_classes
-                   else f"image {base / rel} does not exist" if not (base / rel).is_file() else None)
+                   else f"image {base / rel} {'is not a regular file' if (base / rel).exists() else 'does not exist'}"
+                   if not (base / rel).is_file() else None)
         if problem:
             raise DataError(f"{where}: {problem} in {line!r}: fix the line, or place the file it names")
         items.append((base / rel, int(label)))
@@ -349,7 +375,8 @@ def _torchvision_layout(name, root):
         return out
     if name == "food101":  # meta/<split>.json: {class: ["class/id", ...]}, labels by sorted class name
         base = root / "food-101"
-        meta = {s: json.loads((base / "meta" / f"{s}.json").read_text()) for s in ("train", "test")}
+        meta = {s: _mapping(base / "meta" / f"{s}.json", lambda v: isinstance(v, list) and all(isinstance(x, str)
+                for x in v), "an object of class name -> a list of '<class>/<id>'") for s in ("train", "test")}
         names = sorted(meta["train"])
         return dict(names=names, **{s: [(base / "images" / f"{rel}.jpg", c) for c, n in enumerate(names)
                                         for rel in m.get(n, [])] for s, m in meta.items()})
@@ -388,7 +415,8 @@ def _vtab(root, task, shots, stage):
 def _fgvc_json(root):
     """VPT's json splits; class ids become 0..C-1 by sorted value, from train.json for every split (KMnP/vpt maps
     each split by its own ids, so a class missing from val would shift the others)."""
-    maps = {s: json.loads((root / f"{s}.json").read_text()) for s in ("train", "val", "test")}
+    maps = {s: _mapping(root / f"{s}.json", lambda v: isinstance(v, (int, str)) and not isinstance(v, bool),
+                        "an object of image path -> class id") for s in ("train", "val", "test")}
     ids = {v: c for c, v in enumerate(sorted(set(maps["train"].values())))}
     for s, m in maps.items():
         if bad := next((p for p, v in m.items() if v not in ids), None):
@@ -397,21 +425,46 @@ def _fgvc_json(root):
     images = next((d for d in (root, root / "images", root / "Images") if (d / first).is_file()), root)
     return dict(names=[*map(str, ids)], **{s: [(images / p, ids[v]) for p, v in m.items()] for s, m in maps.items()})
 
-def _imagefolder(root):
-    """train/<class>/*, test/<class>/*, maybe val/<class>/*; with no test/ (ImageNet's layout) val/ is the test."""
-    names = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+def _images_under(folder):
+    """Image files (IMAGE_TYPES) at any depth under folder, sorted: torchvision's ImageFolder walks it too. Hidden
+    files and folders (".name") are skipped; symlinked folders are followed, each once (a loop ends)."""
+    seen, out = set(), []
+    for top, dirs, files in os.walk(folder, onerror=_raise, followlinks=True):
+        if (real := os.path.realpath(top)) in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        out += [Path(top, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_TYPES]
+    return sorted(out)
+
+def _raise(error):
+    raise error
+
+def _imagefolder(root, name):
+    """train/<class>/..., test/<class>/..., maybe val/<class>/...: torchvision's ImageFolder rules (the classes are the
+    sorted folder names of train/; images at any depth below them), but hidden folders and files are skipped. With no
+    test/, name "imagenet" (ImageNet's train/val layout) tests on val/; "imagefolder" refuses: its val/ is for val."""
+    classes = lambda d: {e.name for e in d.iterdir() if e.is_dir() and not e.name.startswith(".")}
+    if not (root / "train").is_dir():
+        raise FileNotFoundError(2, "not found", str(root / "train"))
+    if not (names := sorted(classes(root / "train"))):
+        raise DataError(f"{name}: {root / 'train'} holds no class folders; expected {LAYOUTS[name]}")
     out = dict(names=names)
     for s in ("train", "val", "test"):
         if (root / s).is_dir():
-            if extra := sorted({d.name for d in (root / s).iterdir() if d.is_dir()} - set(names)):
+            if extra := sorted(classes(root / s) - set(names)):
                 raise DataError(f"{root / s}: class folders {extra} are not in {root / 'train'}")
             out[s] = [(f, c) for c, n in enumerate(names) if (root / s / n).is_dir()
-                      for f in sorted((root / s / n).iterdir()) if f.suffix.lower() in IMAGE_TYPES]
+                      for f in _images_under(root / s / n)]
     if empty := sorted(set(range(len(names))) - {c for _, c in out["train"]}):
         raise DataError(f"{root / 'train' / names[empty[0]]}: a class folder with no images ({' '.join(IMAGE_TYPES)}): "
                         "add images to it or remove the folder")
+    if "test" not in out and "val" in out and name == "imagefolder":
+        raise DataError(f"imagefolder: {root} has val/ but no test/: add test/<class>/<image>, or, if val/ is "
+                        f"ImageNet's val set, read it as ImageNet's layout, which tests on val/ (--data imagenet)")
     if "test" not in out and "val" not in out:
-        raise FileNotFoundError(2, "not found", str(root / "test"))
+        raise FileNotFoundError(2, "not found", str(root / ("val" if name == "imagenet" else "test")))
     if "test" not in out:  # ImageNet's layout
         out["test"] = out.pop("val")
     return out
@@ -426,37 +479,83 @@ def _read(name, root, shots, seed, task, stage, download):
                 raise DataError(f"{name}: torchvision's download into {root} failed ({type(e).__name__}: {e}); "
                                 f"fetch it by hand and place {LAYOUTS[name]} under {root}") from None
         return (_noah(root, shots, seed) if name == "noah-fewshot" else _vtab(root, task, shots, stage)
-                if name == "vtab1k" else _fgvc_json(root) if name == "fgvc-json" else _imagefolder(root)
+                if name == "vtab1k" else _fgvc_json(root) if name == "fgvc-json" else _imagefolder(root, name)
                 if name in ("imagefolder", "imagenet") else _torchvision_layout(name, root))
     except FileNotFoundError as e:
         hint = " Or pass download=True. (fewshot.py --download)" if name in TORCHVISION else " torchvision's StanfordCars download is gone " \
             "(pytorch/vision#7545): get the files by hand, e.g. from a Kaggle mirror." if name == "cars" else ""
         raise DataError(f"{name}: {e.filename} not found. Expected under {root}: {LAYOUTS[name]}.{hint}") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{name}: a .json file under {root} is not valid JSON ({e}): re-create it") from None
+    except OSError as e:  # a folder or file we may not read, or a file where a folder belongs
+        raise DataError(f"{name}: cannot read {e.filename or root}: {e.strerror or e}; check it and its permissions") \
+            from None
     except (ValueError, KeyError, IndexError, TypeError) as e:  # a field missing, or not a number where one belongs
         raise DataError(f"{name}: an annotation file under {root} does not read ({type(e).__name__}: {e}); compare it "
                         f"with the layout: {LAYOUTS[name]}") from None
 
+MAX_ASPECT = 100  # one side over 100x the other: a strip, not a picture (Resize(256) would make it 25,600+ px long)
+
+def read_image(path):
+    """One image file -> an RGB PIL image, as a viewer shows it. The mode rules:
+      - EXIF orientation is applied (ImageOps.exif_transpose), unlike torchvision's ImageFolder loader: a photo a
+        camera stored sideways is read upright; a file without an orientation tag is unchanged;
+      - 16- and 32-bit modes (I;16, I;16B, I, F) are scaled into 0..255 by the first nominal range that holds every
+        value (integers 0..65535, as torchvision.io scales 16-bit PNGs; F 0..1, then 0..255), else by the image's own
+        min..max (non-finite values read as 0). PIL's convert("RGB") would clip them: a 16-bit image turns white.
+        Nominal, not own range: a dark image stays dark, and a flat one is not stretched into noise;
+      - transparency (RGBA, LA, PA, or a tRNS entry on P, L or RGB) is composited over white: what lies under alpha 0
+        is arbitrary (often black), and white is the page such images are shown on (torchvision's loader drops alpha);
+      - every other mode (1, L, P, CMYK, YCbCr) goes through PIL's convert("RGB"); CMYK by its formula, no ICC profile.
+    Refused with a DataError naming the file: a path that is not a regular file (checked before opening, as a FIFO
+    would block), more pixels than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS), one side over MAX_ASPECT
+    times the other, and a file PIL cannot decode."""
+    fix = "replace it or drop it from the split"
+    if not Path(path).is_file():
+        what = "is not a regular file (a FIFO, device or folder)" if os.path.exists(path) else "does not exist"
+        raise DataError(f"image {path} {what}: {fix}")
+    try:
+        with Image.open(path) as im:
+            (w, h), limit = im.size, Image.MAX_IMAGE_PIXELS
+            if limit and w * h > limit:
+                raise DataError(f"image {path} has {w}x{h} = {w * h:,} pixels, past PIL's decompression-bomb limit "
+                                f"({limit:,}): if it is a real picture, downscale it; else {fix}")
+            if max(w, h) > MAX_ASPECT * min(w, h):
+                raise DataError(f"image {path} is {w}x{h} px, one side over {MAX_ASPECT}x the other: no protocol "
+                                f"resize makes a picture of it; crop it, or {fix}")
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+                a = np.asarray(im, dtype=np.float32)
+                a = np.where(np.isfinite(a), a, 0)  # (H, W)
+                nominal = ((0, 1), (0, 255)) if im.mode == "F" else ((0, 65535),)
+                lo, hi = next(((lo, hi) for lo, hi in nominal if lo <= a.min() and a.max() <= hi), (a.min(), a.max()))
+                im = Image.fromarray(np.round((a - lo) * 255 / max(hi - lo, 1e-12)).astype(np.uint8))  # L
+            if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+                im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+            return im.convert("RGB")
+    except Image.DecompressionBombError as e:  # over twice the limit: PIL refuses at open
+        raise DataError(f"image {path}: {str(e).rstrip('.')}: if it is a real picture, downscale it; else {fix}") \
+            from None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated, not an image, or a mode PIL cannot convert
+        raise DataError(f"cannot read image {path}: {e}; {fix}") from None
+
 def _decode(items, resize, side, resample, crop, desc):
-    """[(path, label)] -> Split of uint8 (N, 3, crop, crop): PIL decode, resize (the shorter side, or the whole image,
+    """[(path, label)] -> Split of uint8 (N, 3, crop, crop): read_image, resize (the shorter side, or the whole image,
     to `side`), centre crop; in threads (PIL releases the GIL), with a progress bar past 500 images."""
     images = torch.empty(len(items), 3, crop, crop, dtype=torch.uint8)
 
     def one(i):
-        try:
-            with Image.open(items[i][0]) as im:
-                im, (w, h) = im.convert("RGB"), im.size
-                size = (side, side) if resize == "square" else (side, int(side * h / w)) if w <= h else \
-                    (int(side * w / h), side)  # torchvision's Resize((s, s)) or Resize(s)
-                left, top = round((size[0] - crop) / 2), round((size[1] - crop) / 2)
-                im = im.resize(size, resample).crop((left, top, left + crop, top + crop))
-                images[i] = torch.from_numpy(np.array(im)).permute(2, 0, 1)  # (3, crop, crop)
-        except (OSError, ValueError, SyntaxError) as e:  # missing, truncated, or not an image
-            raise DataError(f"cannot read image {items[i][0]}: {e}; replace it or drop it from the split") from None
+        im = read_image(items[i][0])
+        w, h = im.size
+        size = (side, side) if resize == "square" else (side, int(side * h / w)) if w <= h else \
+            (int(side * w / h), side)  # torchvision's Resize((s, s)) or Resize(s)
+        left, top = round((size[0] - crop) / 2), round((size[1] - crop) / 2)
+        im = im.resize(size, resample).crop((left, top, left + crop, top + crop))
+        images[i] = torch.from_numpy(np.array(im)).permute(2, 0, 1)  # (3, crop, crop)
 
-    with ThreadPoolExecutor(min(8, 2 * (os.cpu_count() or 1))) as pool:
-        list(tqdm(pool.map(one, range(len(items))), total=len(items), desc=desc, disable=len(items) < 500, leave=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # read_image refuses past the limit itself
+        with ThreadPoolExecutor(min(8, 2 * (os.cpu_count() or 1))) as pool:
+            list(tqdm(pool.map(one, range(len(items))), total=len(items), desc=desc, disable=len(items) < 500,
+                      leave=False))
     return Split(images, torch.tensor([label for _, label in items], dtype=torch.long))
 
 @lru_cache(maxsize=4)
@@ -466,6 +565,19 @@ def _decoded(items, resize, side, resample, crop, desc):
 
 # -----------------------------------------------------------------------------
 # load_task: one entry point for every dataset
+
+def max_gb():
+    """NANOPETL_MAX_GB (default 8, inf for no limit): the GB of decoded uint8 images load_task may hold. A value that
+    is not a positive number is a DataError naming it (fewshot.check() calls this before any work)."""
+    value = os.environ.get("NANOPETL_MAX_GB", "8")
+    try:
+        limit = float(value)
+    except ValueError:
+        limit = math.nan
+    if not limit > 0:  # nan, zero, negative
+        raise DataError(f"NANOPETL_MAX_GB={value!r} is not a positive number of GB: set it to e.g. 8 (the default), "
+                        f"or unset it")
+    return limit
 
 def load_task(name="synthetic", root=None, *, shots=None, seed=0, img_size=None, norm=None, protocol=None,
               vtab_task=None, vtab_stage="final", world_seed=0, download=False, test_per_class=None):
@@ -514,11 +626,11 @@ def load_task(name="synthetic", root=None, *, shots=None, seed=0, img_size=None,
         test = [test[i] for i in _per_class(t, len(names), seed, lambda n: test_per_class)]
     resize, side, resample, train_aug = PROTOCOLS[protocol]
     side = round(side * size / 224)
-    train_side, limit = side if train_aug == "crop_flip" else size, float(os.environ.get("NANOPETL_MAX_GB", 8))
+    train_side, limit = side if train_aug == "crop_flip" else size, max_gb()
     if (need := 3 * (len(train) * train_side**2 + (len(val) + len(test)) * size**2)) > limit * 1e9:
         raise DataError(f"{name}: these splits take {need / 1e9:.1f} GB as uint8 at {size} px (test: {len(test):,} "
-                        f"images), over NANOPETL_MAX_GB={limit:g}: pass test_per_class=N (a seeded subset of each "
-                        f"class), a smaller img_size, or raise NANOPETL_MAX_GB if the memory is there")
+                        f"images), over NANOPETL_MAX_GB={limit:g}: use a smaller image size (fewshot.py --img-size), "
+                        f"or raise NANOPETL_MAX_GB if the memory is there")
     splits = [_decode(items, resize, side, resample, crop, f"{name} {s}") if s == "train" else
               _decoded(tuple(items), resize, side, resample, crop, f"{name} {s}")
               for s, items, crop in (("train", train, train_side), ("val", val, size), ("test", test, size))]
@@ -577,5 +689,9 @@ if __name__ == "__main__":
         world = SyntheticSet(name)
         sizes = "{}/{}/{} train/val/test".format(*POOLS.values()) if name in SYNTHETIC_TASKS else "endless (.batch)"
         print(f"{name:9} {world.num_classes:7}  {sizes:24}  {world.describe(0)}")
-    contact_sheet(path)
+    try:
+        contact_sheet(path)
+    except (OSError, ValueError) as e:  # a folder we may not write, a full disk, a name that is not .png or .jpg
+        raise SystemExit(f"error: cannot write the contact sheet {path} (--sheet): {getattr(e, 'strerror', None) or e}"
+                         f"; choose another path, a .png") from None
     print(f"contact sheet: {path} ({os.path.getsize(path) / 1e3:.0f} kB)")

@@ -741,7 +741,7 @@ def check_device(flag, name):
 
 def check_environment():
     """The environment variables nanoPETL reads, checked before any work: one UsageError each."""
-    data.max_gb() if hasattr(data, "max_gb") else None  # NANOPETL_MAX_GB: data.py checks its own
+    data.max_gb()  # NANOPETL_MAX_GB: data.py reads and checks its own
     cache = os.environ.get("NANOPETL_CACHE")
     need(not cache or not Path(cache).exists() or Path(cache).is_dir(), f"NANOPETL_CACHE={cache} is a file: it must "
          "name the folder for downloaded weights; unset it or point it at a folder")

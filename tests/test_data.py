@@ -2,8 +2,11 @@
 layout on tiny fixtures written here (8x8 JPEGs), and the one-message DataError of each bad input. No network."""
 import hashlib
 import json
+import os
 import subprocess
 import sys
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +144,110 @@ def test_normalize_and_augment():
         data.augment(x, "mixup")
 
 # -----------------------------------------------------------------------------
+# decoding: each image mode read as a viewer shows it (data.read_image)
+
+
+def pixels(path):
+    return np.asarray(data.read_image(path)).astype(int)  # (H, W, 3)
+
+
+def test_read_image_scales_16_and_32_bit_modes(tmp_path):
+    ramp = np.linspace(0, 65535, 256).reshape(16, 16)
+    Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "i16.png")  # PIL reads it as I;16
+    Image.frombytes("I;16B", (16, 16), ramp.astype(">u2").tobytes()).save(tmp_path / "i16b.tif")
+    Image.fromarray((ramp / 4).astype(np.int32)).save(tmp_path / "i.tif")  # I, within 0..65535: a dim image stays dim
+    Image.fromarray((ramp / 65535).astype(np.float32)).save(tmp_path / "f.tif")  # F in 0..1
+    modes = [Image.open(tmp_path / f).mode for f in ("i16.png", "i16b.tif", "i.tif", "f.tif")]
+    assert modes == ["I;16", "I;16B", "I", "F"]
+    want = np.round(np.linspace(0, 255, 256)).reshape(16, 16)
+    for f in ("i16.png", "i16b.tif", "f.tif"):
+        x = pixels(tmp_path / f)
+        assert (x == x[..., :1]).all() and np.abs(x[..., 0] - want).max() <= 1, f  # grey, the whole ramp: no clipping
+    assert np.abs(pixels(tmp_path / "i.tif")[..., 0] - want / 4).max() <= 1
+    wide = np.linspace(-1000, 200000, 256).reshape(16, 16)  # past the nominal range: the image's own min..max
+    Image.fromarray(wide.astype(np.int32)).save(tmp_path / "wide.tif")
+    Image.fromarray(wide.astype(np.float32)).save(tmp_path / "widef.tif")
+    for f in ("wide.tif", "widef.tif"):
+        assert np.abs(pixels(tmp_path / f)[..., 0] - want).max() <= 1, f
+    Image.fromarray((ramp / 65535 * 200).astype(np.float32)).save(tmp_path / "f255.tif")  # F in 0..255 (200 at most)
+    assert np.abs(pixels(tmp_path / "f255.tif")[..., 0] - want * 200 / 255).max() <= 1
+    nan = (ramp / 65535).astype(np.float32)
+    nan[0, :4] = [np.nan, np.inf, -np.inf, 0.5]
+    Image.fromarray(nan).save(tmp_path / "nan.tif")
+    assert pixels(tmp_path / "nan.tif")[0, :4, 0].tolist() == [0, 0, 0, 128]  # non-finite values read as 0
+
+
+def test_read_image_composites_transparency_over_white(tmp_path):
+    p = Image.new("P", (4, 4), 0)
+    p.putpalette([0, 0, 0, 200, 10, 10])  # index 0: black, but transparent
+    p.putpixel((1, 1), 1)
+    p.save(tmp_path / "p.png", transparency=0)
+    x = pixels(tmp_path / "p.png")
+    assert x[1, 1].tolist() == [200, 10, 10] and (x[0] == 255).all()
+    rgba = Image.new("RGBA", (3, 1), (0, 0, 0, 0))  # clear, half and opaque
+    rgba.putpixel((1, 0), (0, 0, 0, 128)), rgba.putpixel((2, 0), (10, 20, 30, 255))
+    rgba.save(tmp_path / "rgba.png")
+    assert pixels(tmp_path / "rgba.png")[0].tolist() == [[255] * 3, [127] * 3, [10, 20, 30]]
+    Image.new("LA", (2, 2), (0, 0)).save(tmp_path / "la.png")
+    assert (pixels(tmp_path / "la.png") == 255).all()
+    Image.new("RGB", (2, 2), (1, 2, 3)).save(tmp_path / "key.png", transparency=(1, 2, 3))  # RGB with a tRNS colour
+    assert (pixels(tmp_path / "key.png") == 255).all()
+
+
+def test_read_image_cmyk_grey_and_exif_orientation(tmp_path):
+    cmyk = Image.new("CMYK", (2, 1), (0, 0, 0, 0))
+    cmyk.putpixel((1, 0), (255, 0, 0, 0))  # paper white, pure cyan
+    cmyk.save(tmp_path / "c.tif")
+    assert pixels(tmp_path / "c.tif")[0].tolist() == [[255, 255, 255], [0, 255, 255]]
+    Image.new("1", (2, 2), 1).save(tmp_path / "bw.png")
+    assert (pixels(tmp_path / "bw.png") == 255).all()
+    im = Image.new("RGB", (16, 8), (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, 8, 8))  # left half red, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation 6: a viewer turns it 90 degrees clockwise
+    im.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    x = data.read_image(tmp_path / "rot.jpg")
+    assert x.size == (8, 16)  # upright: 8 wide, 16 tall, the red half on top
+    a = np.asarray(x).astype(int)
+    assert a[4, 4, 0] > 200 > a[4, 4, 2] and a[12, 4, 2] > 200 > a[12, 4, 0]
+    im.save(tmp_path / "plain.jpg", quality=95)  # no tag: unchanged
+    assert data.read_image(tmp_path / "plain.jpg").size == (16, 8)
+
+
+def test_read_image_refuses_fifo_bomb_and_strip(tmp_path):
+    os.mkfifo(tmp_path / "fifo.jpg")
+    caught = []
+    t = threading.Thread(target=lambda: caught.append(pytest.raises(DataError, data.read_image, tmp_path / "fifo.jpg")),
+                         daemon=True)  # opening a FIFO would block until a writer comes: it must not be opened
+    t.start(), t.join(60)
+    assert not t.is_alive() and "fifo.jpg is not a regular file (a FIFO" in str(caught[0].value)
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(DataError, match="dir.png is not a regular file"):
+        data.read_image(tmp_path / "dir.png")
+    with pytest.raises(DataError, match="none.png does not exist"):
+        data.read_image(tmp_path / "none.png")
+    Image.new("L", (60000, 1)).save(tmp_path / "strip.png")  # Resize(256) would make it 15.4 M x 256 px, 11.8 GB
+    with pytest.raises(DataError, match=r"strip\.png is 60000x1 px, one side over 100x the other"):
+        data.read_image(tmp_path / "strip.png")
+    Image.new("L", (300, 3)).save(tmp_path / "ok.png")  # 1:100 is still read
+    assert data.read_image(tmp_path / "ok.png").size == (300, 3)
+    limit = Image.MAX_IMAGE_PIXELS  # 89,478,485: PIL warns past it and refuses past twice it
+    Image.new("1", (10_000, 9_000)).save(tmp_path / "bomb.png")  # 90 M pixels in an 11 kB file
+    Image.new("1", (20_000, 10_000)).save(tmp_path / "bomb2.png")
+    bomb = rf"bomb\.png has 10000x9000 = 90,000,000 pixels, past PIL's decompression-bomb limit \({limit:,}\)"
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(DataError, match=bomb):
+        data.read_image(tmp_path / "bomb.png")  # alone, PIL's warning shows too; load_task's decoding silences it
+    with pytest.raises(DataError, match=r"bomb2\.png: Image size \(200000000 pixels\) exceeds limit"):
+        data.read_image(tmp_path / "bomb2.png")
+    jpeg(tmp_path / "train" / "a" / "0.jpg"), jpeg(tmp_path / "test" / "a" / "0.jpg")
+    Image.new("1", (10_000, 9_000)).save(tmp_path / "train" / "a" / "1.png")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(DataError, match="1.png has 10000x9000"):
+            load_task("imagefolder", tmp_path, img_size=16)
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]  # one line, not PIL's too
+
+# -----------------------------------------------------------------------------
 # real layouts, each on a few 8x8 JPEGs
 
 
@@ -261,6 +368,80 @@ def test_imagefolder_with_and_without_val_and_imagenet(tmp_path):
         load_task("imagenet", tmp_path, shots=1)
 
 
+def test_imagefolder_follows_torchvision_rules(tmp_path):
+    """Classes are train/'s folders, hidden ones not; images at any depth (torchvision's ImageFolder walks), hidden
+    files and folders skipped, a symlink loop walked once; val/ without test/ is a test set only under imagenet."""
+    for c in ("cat", "dog"):
+        for i in range(3):
+            jpeg(tmp_path / "train" / c / f"{i}.jpg")
+        jpeg(tmp_path / "val" / c / "v.jpg")
+    for junk in ("train/.ipynb_checkpoints/x.jpg", "val/.ipynb_checkpoints/x.jpg", "train/cat/.DS_Store",
+                 "train/dog/.hidden/y.jpg"):  # a hidden folder (not a class), a hidden file, one inside a class
+        (tmp_path / junk).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / junk).write_bytes(b"not an image")
+    (tmp_path / "train" / "cat" / "._0.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS's companions
+    jpeg(tmp_path / "train" / "dog" / "2019" / "a" / "deep.png")  # nested: found
+    (tmp_path / "train" / "dog" / "2019" / "loop").symlink_to(tmp_path / "train" / "dog")  # a cycle: walked once
+    with pytest.raises(DataError, match=r"imagefolder: .* has val/ but no test/: add test/<class>/<image>, or, .*"
+                                        r"\(--data imagenet\)"):
+        load_task("imagefolder", tmp_path, img_size=16)
+    [t] = load_task("imagenet", tmp_path, img_size=16)  # ImageNet's layout: val/ is the test set
+    assert t.meta["classes"] == ["cat", "dog"] and (len(t.train) + len(t.val), len(t.test)) == (7, 2)
+    jpeg(tmp_path / "test" / "cat" / "t.jpg"), jpeg(tmp_path / "test" / "dog" / "t.jpg")
+    [f] = load_task("imagefolder", tmp_path, img_size=16)
+    assert (len(f.train), len(f.val), len(f.test), f.meta["val"]) == (7, 2, 2, "official")
+    found = [f.name for f in data._images_under(tmp_path / "train" / "dog")]
+    assert found == ["0.jpg", "1.jpg", "2.jpg", "deep.png"]  # by path, as torchvision's walk; the loop adds none
+    with pytest.raises(DataError, match=r"imagenet: .*/none/val not found"):
+        (tmp_path / "none" / "train" / "a").mkdir(parents=True), jpeg(tmp_path / "none" / "train" / "a" / "0.jpg")
+        load_task("imagenet", tmp_path / "none")
+    (tmp_path / "flat" / "train").mkdir(parents=True), jpeg(tmp_path / "flat" / "train" / "0.jpg")
+    with pytest.raises(DataError, match=r"imagefolder: .*flat/train holds no class folders; expected train/<class>/"):
+        load_task("imagefolder", tmp_path / "flat")
+
+
+def test_annotation_files_wrong_shape_bom_and_encoding(tmp_path):
+    for name in ("a", "b"):
+        jpeg(tmp_path / "images" / f"{name}.jpg")
+    for split in ("train", "val", "test"):  # with a byte-order mark, as Windows' Notepad saves UTF-8: read alike
+        (tmp_path / f"{split}.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"a.jpg": 0, "b.jpg": 1}).encode())
+    [t] = load_task("fgvc-json", tmp_path, img_size=16)
+    assert t.train.labels.tolist() == [0, 1]
+    (tmp_path / "train.json").write_text(json.dumps([["a.jpg", 0], ["b.jpg", 1]]))
+    with pytest.raises(DataError, match=r"train\.json: a JSON list where an object of image path -> class id belongs"):
+        load_task("fgvc-json", tmp_path)
+    (tmp_path / "train.json").write_text(json.dumps({"a.jpg": 0, "b.jpg": [1]}))
+    with pytest.raises(DataError, match=r"train\.json: entry 'b\.jpg' holds \[1\], but an object of image path"):
+        load_task("fgvc-json", tmp_path)
+    (tmp_path / "train.json").write_text('{"a.jpg": 0,\n "b.jpg" 1}')
+    with pytest.raises(DataError, match=r"train\.json:2: not valid JSON \(Expecting ':' delimiter\)"):
+        load_task("fgvc-json", tmp_path)
+    (tmp_path / "train.json").write_bytes('{"a.jpg": 0,\n "café.jpg": 1}'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"train\.json:2: byte 0xe9 is not UTF-8 text: save the file as UTF-8"):
+        load_task("fgvc-json", tmp_path)
+    meta = tmp_path / "food-101" / "meta"
+    meta.mkdir(parents=True)
+    (meta / "train.json").write_text(json.dumps(["ramen/1"]))
+    with pytest.raises(DataError, match=r"meta/train\.json: a JSON list where an object of class name -> a list"):
+        load_task("food101", tmp_path)
+    (meta / "train.json").write_text(json.dumps({"ramen": "ramen/1"}))
+    with pytest.raises(DataError, match=r"meta/train\.json: entry 'ramen' holds \"ramen/1\", but an object of class"):
+        load_task("food101", tmp_path)
+    ann = tmp_path / "annotations"  # NOAH's lists: a BOM is dropped, latin-1 names file and line
+    ann.mkdir()
+    for f in ("test_meta.list", "val_meta.list", "train_meta.list.num_shot_1.seed_0"):
+        (ann / f).write_bytes("\ufeffa.jpg 0\nb.jpg 1\n".encode("utf-8"))
+    [n] = load_task("noah-fewshot", tmp_path, shots=1, img_size=16)
+    assert n.test.labels.tolist() == [0, 1]
+    (ann / "test_meta.list").write_bytes("a.jpg 0\nb.jpg 1\ncafé.jpg 1\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"test_meta\.list:3: byte 0xe9 is not UTF-8 text"):
+        load_task("noah-fewshot", tmp_path, shots=1)
+    os.mkfifo(tmp_path / "images" / "c.jpg")  # named by a list: refused there, never opened
+    (ann / "test_meta.list").write_text("a.jpg 0\nc.jpg 1\n")
+    with pytest.raises(DataError, match=r"test_meta\.list:2: image .*c\.jpg is not a regular file"):
+        load_task("noah-fewshot", tmp_path, shots=1)
+
+
 def test_torchvision_layouts(tmp_path):
     f = tmp_path / "flowers-102"  # Flowers102: .mat labels 1..C, image ids 1..N
     for i in range(1, 7):
@@ -348,9 +529,18 @@ def test_memory_limit_and_test_subset(tmp_path, monkeypatch):
             for i in range(n):
                 jpeg(tmp_path / split / c / f"{i}.jpg")
     monkeypatch.setenv("NANOPETL_MAX_GB", "1e-6")  # 1 kB
-    with pytest.raises(DataError, match=r"over NANOPETL_MAX_GB=1e-06: pass test_per_class=N"):
+    with pytest.raises(DataError, match=r"over NANOPETL_MAX_GB=1e-06: use a smaller image size \(fewshot.py "
+                                        r"--img-size\), or raise NANOPETL_MAX_GB") as e:
         load_task("imagefolder", tmp_path, img_size=16)
-    monkeypatch.setenv("NANOPETL_MAX_GB", "8")
+    assert "test_per_class" not in str(e.value)  # no fewshot.py flag sets it: suggest only what a user can do
+    for bad in ("lots", "0", "-2", "nan", ""):
+        monkeypatch.setenv("NANOPETL_MAX_GB", bad)
+        with pytest.raises(DataError, match=f"NANOPETL_MAX_GB='{bad}' is not a positive number"):
+            load_task("imagefolder", tmp_path, img_size=16)
+    monkeypatch.setenv("NANOPETL_MAX_GB", "inf")
+    assert data.max_gb() == float("inf")
+    monkeypatch.delenv("NANOPETL_MAX_GB")
+    assert data.max_gb() == 8
     [t] = load_task("imagefolder", tmp_path, img_size=16, test_per_class=2)
     assert torch.bincount(t.test.labels).tolist() == [2, 2] and t.meta["test_per_class"] == 2
 

@@ -177,6 +177,61 @@ def break_image(rel, how):
     return setup
 
 
+# images, layouts and annotation files as users have them (data.py, issue 11)
+def image_in(rel, make):
+    """The imagefolder fixture with one more image at rel, made by make() (a PIL image)."""
+    def setup(w):
+        imagefolder(w)
+        make().save(w.data / rel)
+    return setup
+
+
+def hidden_junk(w):
+    """What notebooks and macOS leave in a tree: hidden folders and files, none of them an image PIL can read."""
+    imagefolder(w)
+    for junk in ("train/.ipynb_checkpoints/0.jpg", "test/.ipynb_checkpoints/0.jpg", "train/cat/._0.jpg",
+                 "test/dog/.trash/1.jpg"):
+        (w.data / junk).parent.mkdir(parents=True, exist_ok=True)
+        (w.data / junk).write_bytes(b"\x00\x05\x16\x07 not an image")
+
+
+def nested(w):  # one class's images only in sub-folders, as torchvision's ImageFolder finds them
+    imagefolder(w)
+    for f in sorted((w.data / "train" / "eel").iterdir()):
+        (w.data / "train" / "eel" / "2019" / f"batch{f.stem}").mkdir(parents=True)
+        f.rename(w.data / "train" / "eel" / "2019" / f"batch{f.stem}" / f.name)
+
+
+def val_not_test(w):  # ImageNet's layout: train/ and val/
+    imagefolder(w)
+    (w.data / "test").rename(w.data / "val")
+
+
+def fgvc_json(w, train=None, bom=False):
+    rows = {f"{c}.jpg": i for i, c in enumerate(CLASSES)}
+    for name in rows:
+        jpeg(w.data / "images" / name)
+    for split in ("train", "val", "test"):
+        text = json.dumps(train if split == "train" and train is not None else rows)
+        (w.data / f"{split}.json").write_bytes(b"\xef\xbb\xbf" * bom + text.encode())
+
+
+def latin1_line(rel, line, setup):
+    """setup(w), then one more line in the list file at rel, in latin-1 (an editor's legacy encoding)."""
+    def make(w):
+        setup(w)
+        with open(w.data / rel, "ab") as f:
+            f.write(line.encode("latin-1"))
+    return make
+
+
+def classes_are(n):
+    def then(w, r):
+        [row] = rows_of(w)
+        assert row["status"] == "ok" and row["num_classes"] == n, row
+    return then
+
+
 def dev_full(w):
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full here")
@@ -734,6 +789,39 @@ CASES = [
          then=None),
     Case("lora-script-bad-argument", None, ["--rank", "4"], 2, ("unrecognized arguments",), script="lora.py", then=None),
     Case("e2vpt-script-bad-argument", None, ["x"], 2, ("unrecognized arguments",), script="e2vpt.py", then=None),
+    # --- data.py: images, layouts, annotations (issue 11) ---
+    Case("fifo-in-class-folder", lambda w: imagefolder(w) or os.mkfifo(w.data / "test" / "dog" / "pipe.jpg"), fs(**IF),
+         1, ("image {data}/test/dog/pipe.jpg is not a regular file (a FIFO", "replace it"), cli=True),  # cli: timeout
+    Case("image-60000x1", image_in("test/cat/strip.png", lambda: Image.new("L", (60000, 1))), fs(**IF), 1,
+         ("image {data}/test/cat/strip.png is 60000x1 px", "over 100x the other"), cli=True),  # cli: memory-capped
+    Case("decompression-bomb", image_in("test/eel/bomb.png", lambda: Image.new("1", (10_000, 9_000))), fs(**IF), 1,
+         ("image {data}/test/eel/bomb.png has 10000x9000 = 90,000,000 pixels", "decompression-bomb limit",
+          "downscale it")),
+    Case("hidden-folders-and-files-skipped", hidden_junk, fs(**IF), 0, ("saved:",), then=classes_are(3)),
+    Case("nested-images-found", nested, fs(**IF), 0, ("saved:",), then=classes_are(3)),
+    Case("val-without-test-imagefolder", val_not_test, fs(**IF), 1,
+         ("imagefolder: {data} has val/ but no test/", "add test/<class>/<image>", "--data imagenet")),
+    Case("val-without-test-imagenet", val_not_test, fs(data="imagenet", data_root="{data}"), 0, ("saved:",),
+         then=classes_are(3)),
+    Case("fgvc-json-a-list", lambda w: fgvc_json(w, train=[["cat.jpg", 0], ["dog.jpg", 1]]),
+         fs(data="fgvc-json", data_root="{data}"), 1,
+         ("{data}/train.json: a JSON list where an object of image path -> class id belongs",)),
+    Case("fgvc-json-with-bom", lambda w: fgvc_json(w, bom=True), fs(data="fgvc-json", data_root="{data}"), 0,
+         ("saved:",), then=classes_are(3)),
+    Case("noah-list-latin-1", latin1_line("annotations/test_meta.list", "caf\xe9.jpg 0\n", noah),
+         fs(data="noah-fewshot", data_root="{data}"), 1,
+         ("{data}/annotations/test_meta.list:4: byte 0xe9 is not UTF-8 text", "save the file as UTF-8")),
+    Case("vtab-list-latin-1", latin1_line("kitti/test.txt", "images/test/\xe9t\xe9.jpg 0\n", vtab),
+         fs(data="vtab1k", data_root="{data}", vtab_task="kitti"), 1, ("{data}/kitti/test.txt:5: byte 0xe9",)),
+    Case("max-gb-not-a-number", lambda w: imagefolder(w) or w.mp.setenv("NANOPETL_MAX_GB", "8GB"), fs(**IF), 1,
+         ("NANOPETL_MAX_GB='8GB' is not a positive number",)),
+    Case("max-gb-not-a-number-synthetic", None, fs(), 1, ("NANOPETL_MAX_GB='-3' is not a positive number",),
+         env=dict(NANOPETL_MAX_GB="-3")),
+    Case("over-max-gb", lambda w: imagefolder(w) or w.mp.setenv("NANOPETL_MAX_GB", "1e-9"), fs(**IF), 1,
+         ("over NANOPETL_MAX_GB=1e-09", "--img-size", "raise NANOPETL_MAX_GB")),
+    Case("data-script-bad-flag", None, ["--bogus"], 2, ("unrecognized arguments: --bogus",), script="data.py"),
+    Case("data-script-sheet-not-writable", not_writable, ["--sheet", "{ro}/sheet.png"], 1,
+         ("cannot write the contact sheet {ro}/sheet.png (--sheet)", "choose another path"), script="data.py"),
 ]
 
 
