@@ -566,9 +566,16 @@ def worker(ctx, what):
     lines = [line for line in log.read_text().splitlines() if line.startswith("RESULT ")]
     if code == 0 and lines:
         return json.loads(lines[-1][len("RESULT "):])
-    ctx.row(f"{what} in a child process", False, f"{'timed out' if code is None else f'exit {code}'} after {secs:.0f}s",
-            f"{last_error(log)}; log: {log.name}")
+    ctx.row(f"{what} in a child process", False, ended(ctx, code, secs), f"{last_error(log)}; log: {log.name}")
     return None
+
+
+def ended(ctx, code, secs):
+    """How a child process that did not succeed ended."""
+    if code is None:
+        return (f"timed out after {secs:.0f}s, its share of --budget-s {ctx.args.budget_s:.0f}: rerun with --only "
+                f"{ctx.check} and a larger --budget-s to tell slow from stuck")
+    return f"exit {code} after {secs:.0f}s"
 
 # -----------------------------------------------------------------------------
 # 4. the data path
@@ -698,7 +705,8 @@ def launch(ctx, name, cmd, timeout):
 
 
 def last_error(log):
-    lines = [line.strip() for line in log.read_text().splitlines() if line.strip()]
+    """The child's last line that names an error, else its last line (the log's first line is the command)."""
+    lines = [line.strip() for line in log.read_text().splitlines()[1:] if line.strip()]
     hits = [line for line in lines if "error" in line.lower() or "Error" in line]
     return (hits or lines or ["no output"])[-1][:300]
 
@@ -716,8 +724,7 @@ def run_row(ctx, name, log, cmd, verify, share=1.0, note="", cuda_only=False):
     code, secs, path = launch(ctx, f"{ctx.check}-{log}", cmd, ctx.left() * share)
     ctx.report.checks[ctx.check]["figures"][log + "_s"] = round(secs, 1)
     if code != 0:
-        ctx.row(name, False, f"{'timed out' if code is None else f'exit {code}'} after {secs:.0f}s",
-                f"{last_error(path)}; log: {path.name}{note}")
+        ctx.row(name, False, ended(ctx, code, secs), f"{last_error(path)}; log: {path.name}{note}")
         return None
     ok, figure = verify(path.read_text())
     ctx.row(name, ok, f"{secs:.1f}s; {figure}", f"log: {path.name}{note}", cuda_only=cuda_only)
