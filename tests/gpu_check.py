@@ -10,23 +10,25 @@ Six checks, each pass / fail / skipped with its figure, one row per method or ca
   parity    every method of fewshot.METHODS (pvp from a module pre-trained here by pvp_pretrain.pretrain) at
             ViT-B/16 size, random weights: logits on the device in fp32 with TF32 off against the CPU, to 1e-4;
             bf16 autocast against fp32 on the device: top-1 agreement on a batch and the largest logit difference
-  train     every method trains a few steps through fewshot.train with bf16 autocast (--amp): finite loss, frozen
-            tensors bit-identical, trained ones moved, peak memory; then fewshot.run_one (fit: E2VPT's prune and
-            rewind, LoRA's merge; evaluate in bf16) on an embedded task
+  train     every method trains a few steps through fewshot.train, in bf16 autocast (--amp) on CUDA: finite loss,
+            frozen tensors bit-identical, trained ones moved, peak memory; then fewshot.run_one (fit: E2VPT's prune
+            and rewind, LoRA's merge; evaluate in bf16) on an embedded task
   speed     ViT-B/16 forward and a VPT-deep training step in bf16 at batch 128: ours against timm's
             VisionTransformer with the same weights, in one process (images/s, ours/timm, share of the card's bf16
             peak counted from FLOPs), eager and under torch.compile (compiled in a child process with a timeout)
   data      the path that feeds the GPU: JPEG decode as data.load_task does it today, fewshot.batches to the device,
             and torchvision's ImageFolder + DataLoader with the machine's workers: is the loader the bottleneck?
   torchrun  a sweep (fewshot.py) and a pre-training (pvp_pretrain.py) under torchrun: 2 processes over NCCL with 2+
-            GPUs, else 1 process; on the CPU 2 processes over gloo
-  e2e       the main job, `python fewshot.py --method pvp --shots 1`, and a micro run on a real layout (an imagefolder
+            GPUs, else 1 process; on the CPU over gloo (2 processes, 1 with --tiny)
+  e2e       the main job, `python fewshot.py --method pvp --shots 1` (building the embedded backbone and prompts
+            first, within its time, when checkpoints/ lacks them), and a micro run on a real layout (an imagefolder
             of JPEGs, a random ViT saved as a timm checkpoint), each timed
 A check that cannot run here (no CUDA, one GPU, no timm) is "skipped" with the reason, never "pass"; on the CPU the
 CUDA-only checks still run their code and say so. A check that raises is "fail" with its error line (the traceback
 goes to the JSON) and the next one runs. --budget-s is shared out: each check gets its part of what is left, a
-check that cannot fit is skipped, child processes are killed at their share. --tiny runs every line on the CPU at
-vit_synthetic size (the main job uses a random backbone and a micro module there, not the embedded build).
+check that cannot fit is skipped, child processes are killed at their share. --tiny runs the same code on the CPU
+at vit_synthetic size, torch.compile with the "eager" backend (the main job uses a random backbone and a micro
+module there, not the embedded build); --tiny --device cuda is a quick smoke test on a GPU.
 Results: <out>/gpu_check.json (rewritten after every row, so a kill keeps what was measured), <out>/gpu_check.md
 (the table, also printed), <out>/logs/ (each child process's output). Exit 0 only if nothing failed.
 """
@@ -650,9 +652,9 @@ def check_data(ctx):
     figures["dataloader"], figures["workers"] = stream, workers
     del loader
     ctx.row(f"DataLoader, {workers} workers", True, f"{stream:,.0f} img/s",
-            f"batch {batch}{', pinned' * ctx.cuda}: torchvision ImageFolder, torchvision.io decode, transforms.v2 resize + centre "
-            "crop, normalised on the device: the reference a DataLoader path in data.py should match, or "
-            "beat")
+            f"batch {batch}{', pinned' * ctx.cuda}: torchvision ImageFolder, torchvision.io decode, transforms.v2 "
+            "resize + centre crop, normalised on the device: the reference a DataLoader path in data.py should "
+            "match, or beat")
     # against the model
     model = ctx.rates.get("train") or prior(ctx, "speed", "model_rates", {}).get("train")
     if not model:
