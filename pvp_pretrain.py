@@ -68,7 +68,8 @@ def recipe(args, backbone_hash, config):
     """What makes the checkpoint: a resume file or a checkpoint built with another recipe is not this run's."""
     return json.loads(json.dumps(dict(  # as JSON gives it back: tuples are lists
         method="backbone" if args.backbone else args.method, config=config, backbone_hash=backbone_hash,
-        source=args.data, data_root=args.data_root and str(Path(args.data_root).resolve()), per_class=args.per_class,
+        source=args.data, data_root=args.data_root and str(Path(args.data_root).resolve()),
+        per_class=args.per_class if args.data.startswith("synthetic") else None,
         norm=args.norm, seed=args.seed, epochs=args.epochs, lr=args.lr, wd=args.wd, batch=args.batch,
         warmup=args.warmup, optimizer=args.optimizer, amp=args.amp)))
 
@@ -211,6 +212,7 @@ def parser():
 def parse(argv):
     """The flags, with what was left unset taken from BACKBONE or PVP."""
     args = parser().parse_args(argv)
+    args.given = {k for k, v in vars(args).items() if v is not None}  # what the command line set
     for k, v in (BACKBONE if args.backbone else PVP).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -237,6 +239,8 @@ def check(args):
          f"{args.data}: choose synthetic or one of {', '.join(data.DATASETS[1:])}")
     need(args.data_root is None or not args.data.startswith("synthetic"), f"--data-root is for a source on disk "
          f"(--data imagenet, imagefolder, ...); the embedded --data {args.data} has none: drop it")
+    need(args.data.startswith("synthetic") or "per_class" not in args.given, f"--per-class draws the embedded "
+         f"source; --data {args.data} trains on every image of its train split: drop it")
     need(args.data.startswith("synthetic") or (args.data_root and Path(args.data_root).is_dir()),
          f"--data {args.data} reads from disk: give an existing folder as --data-root")
     need(args.weights is None or args.weights in vitlib.PRETRAINED or Path(args.weights).is_file(),

@@ -264,7 +264,7 @@ def registry():
 
 def build(name, backbone, num_classes, cfg):
     """Method `name` around a fresh copy of `backbone`, as fewshot.fit builds it."""
-    return fewshot.METHODS[name](copy.deepcopy(backbone), num_classes, cfg)
+    return fewshot.build(name, copy.deepcopy(backbone), num_classes, cfg)
 
 
 def sync(device):
@@ -776,8 +776,9 @@ def check_e2e(ctx):
         how = "tiny: a random backbone (--weights) and a micro module (--pvp-init), not the embedded build"
     else:
         cmd = [sys.executable, "fewshot.py", "--method", "pvp", "--shots", "1", "--device", dev, "--out", main]
-        built = [p.name for p in (pvp_pretrain.CHECKPOINTS / "vit_synthetic.safetensors",
-                                  pvp_pretrain.CHECKPOINTS / "pvp_vpt_vit_synthetic.safetensors") if not p.exists()]
+        built = [p.name for p in (fewshot.embedded_backbone() if fewshot.SHIPPED_BACKBONE.exists() else
+                                  fewshot.CHECKPOINTS / "vit_synthetic.safetensors",
+                                  fewshot.CHECKPOINTS / "pvp_vpt_vit_synthetic.safetensors") if not p.exists()]
         how = f"builds {' and '.join(built)} first, inside the time" if built else "embedded pieces already built"
 
     def main_ok(text):

@@ -782,6 +782,8 @@ CASES = [
          script="pvp_pretrain.py", hook=FIRST_RESUME_WRITE_FAILS, then=no_resume_mentioned),
     Case("pretrain-full-finetune", None, pp(method="full"), 1, ("--method full", "trains the backbone"),
          script="pvp_pretrain.py"),
+    Case("pretrain-per-class-with-data-on-disk", imagefolder, pp(data="imagefolder", data_root="{data}"), 1,
+         ("--per-class", "--data imagefolder", "drop it"), script="pvp_pretrain.py"),
     Case("pretrain-linear", None, pp(method="linear"), 1, ("--method linear", "only a head"), script="pvp_pretrain.py"),
     Case("pretrain-opt-unknown", None, pp(method="lora", opt="bottleneck=8"), 1, ("--method lora", "bottleneck"),
          script="pvp_pretrain.py"),
