@@ -3,7 +3,7 @@ The data of nanoPETL: an embedded synthetic world that runs offline, the real fe
 people already have, deterministic k-shot sampling, and the transforms as named protocol presets.
 
     tasks = load_task("synthetic", shots=1, seed=0)                   # the five embedded tasks, a list of Task
-    [task] = load_task("vtab1k", "data/vtab-1k", vtab_task="cifar")   # train800val200 -> test (formats.md 2.1)
+    [task] = load_task("vtab1k", "data/vtab-1k", vtab_task="cifar")   # train800val200 -> test (NOAH's VTAB-1k lists)
     x = normalize(augment(task.train.images[i], task.train_aug), task.mean, task.std)   # per batch, any device
 run: python data.py --sheet assets/synthetic_world.png   (each set's sizes, and a contact sheet of the world)
 
@@ -24,8 +24,8 @@ medium large), freq (of the pattern: coarse medium fine), aspect (round long). S
 Each task has a train pool of 32, a val pool of 16 and a test set of 40 per class; the sources draw without end
 (.batch). No resize, crop or augmentation on the world; normalisation 0.5/0.5 ("inception").
 
-Real data (formats.md 2) is decoded once (read_image, threads), brought to img_size by a protocol preset (PROTOCOLS,
-formats.md 3) and kept as uint8: 150,528 bytes per 224 px image (196,608 per 256 px training square), so CoOp's
+Real data (the layouts of LAYOUTS) is decoded once (read_image, threads), brought to img_size by a protocol preset
+(PROTOCOLS: the official code's resize and crop) and kept as uint8: 150,528 bytes per 224 px image (196,608 per 256 px training square), so CoOp's
 Food-101 test set (30,300) takes 4.6 GB, Flowers-102's (6,149) 0.9 GB, and a 32 px image 3 KB. Past NANOPETL_MAX_GB
 (default 8; max_gb) load_task stops and says how to go on: a smaller image size, or a larger limit (and from Python,
 test_per_class=N, a seeded subset of each class of test).
@@ -54,7 +54,7 @@ from tqdm import tqdm
 SYNTHETIC_TASKS = ("shape", "texture", "colour", "species", "model")
 DATASETS = ("synthetic", "flowers102", "pets", "aircraft", "food101", "cars", "noah-fewshot", "vtab1k", "fgvc-json",
             "imagefolder", "imagenet")
-VTAB_TASKS = {  # folder -> classes (formats.md 2.1)
+VTAB_TASKS = {  # folder -> classes: the 19 tasks of VTAB-1k (Zhai et al. 2019, arXiv 1910.04867), NOAH's folder names
     "caltech101": 102, "cifar": 100, "dtd": 47, "oxford_flowers102": 102, "oxford_iiit_pet": 37, "svhn": 10,
     "sun397": 397, "patch_camelyon": 2, "eurosat": 10, "resisc45": 45, "diabetic_retinopathy": 5, "clevr_count": 8,
     "clevr_dist": 6, "dmlab": 6, "kitti": 4, "dsprites_loc": 16, "dsprites_ori": 16, "smallnorb_azi": 18,
@@ -350,7 +350,7 @@ def _list(file, base, num_classes=None):
     return items
 
 def _torchvision_layout(name, root):
-    """The five few-shot datasets, read from the files torchvision's classes read (formats.md 2.4)."""
+    """The five few-shot datasets, read from the files torchvision's classes read (torchvision/datasets/{flowers102,oxford_iiit_pet,fgvc_aircraft,food101,stanford_cars}.py)."""
     from scipy.io import loadmat
     mat = lambda path, key: np.atleast_1d(loadmat(str(path), squeeze_me=True)[key])  # str: a Path hides "not found"
     if name == "flowers102":
@@ -387,7 +387,7 @@ def _torchvision_layout(name, root):
                 test=read(base / "cars_test_annos_withlabels.mat", "cars_test"))
 
 def _noah(root, shots, seed):
-    """NOAH/CoOp few-shot lists (formats.md 2.3). The Oxford-Pets 1-shot lists name each image twice: we keep one
+    """NOAH/CoOp few-shot lists (ZhangYuanhan-AI/NOAH, data/few-shot/<dataset>/annotations). The Oxford-Pets 1-shot lists name each image twice: we keep one
     copy, which changes only the epoch length, since every image of such a list is doubled alike."""
     if shots is None:
         raise DataError("noah-fewshot reads the list of (shots, seed): give shots (1, 2, 4, 8 or 16) and seed (0-2)")

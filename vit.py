@@ -147,7 +147,7 @@ PRESETS = dict(vit_base_patch16=vit_base_patch16, vit_small_patch16=vit_small_pa
 # -----------------------------------------------------------------------------
 # checkpoints: named weights, files read without running code, every layout converted to timm's names
 
-PRETRAINED = {  # formats.md 1.1; both were trained on inputs in [-1, 1] ("inception" 0.5/0.5 normalisation)
+PRETRAINED = {  # google-research/vision_transformer's release (README, "Available ViT models"); both were trained on inputs in [-1, 1] ("inception" 0.5/0.5 normalisation)
     "vit_b16_in21k": dict(  # Google's supervised ImageNet-21k ViT-B/16: the backbone of VPT, E2VPT, NOAH and PVP
         url="https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz",
         md5_prefix="d9715d", preset="vit_base_patch16", norm="inception", num_classes=21843),  # md5: KMnP/vpt README
@@ -258,7 +258,7 @@ def _from_google(w):
     return sd
 
 
-TORCHVISION_NAMES = [  # torchvision's vit_b_16 -> timm: a pure rename, same tensors (formats.md 1.2)
+TORCHVISION_NAMES = [  # torchvision's vit_b_16 -> timm: a pure rename, same tensors (torchvision/models/vision_transformer.py)
     (r"^class_token$", "cls_token"), (r"^conv_proj\.", "patch_embed.proj."), (r"^encoder\.pos_embedding$", "pos_embed"),
     (r"^encoder\.ln\.", "norm."), (r"^heads\.head\.", "head."), (r"^heads\.pre_logits\.", "pre_logits."),
     (r"^encoder\.layers\.encoder_layer_(\d+)\.", r"blocks.\1."), (r"\.ln_(1|2)\.", r".norm\1."),

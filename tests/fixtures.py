@@ -1,5 +1,6 @@
-"""Writers for the real checkpoint layouts, from a timm-named state dict (formats.md 1.2), so tests can save a
-random ViT the way Google, timm and torchvision ship theirs. The inverse of vit.load_pretrained's converters,
+"""Writers for the real checkpoint layouts, from a timm-named state dict (Google's .npz as
+google-research/vision_transformer saves it, torchvision's vit_b_16 names), so tests can save a random ViT the way
+Google, timm and torchvision ship theirs. The inverse of vit.load_pretrained's converters,
 written independently from the key table, so a mistake in one is not mirrored in the other."""
 import numpy as np
 import torch

@@ -565,6 +565,24 @@ def results_exist(w):
     w.out.mkdir()
     (w.out / "results.jsonl").write_text("")
 
+
+def second_pretrain(proc, w):
+    """A second pvp_pretrain.py on the same --out, once the first holds the lock: it waits, then reuses."""
+    wait_for(lambda: (w.tmp / "m.safetensors.lock").exists(), proc, "the first one's lock")
+    r = finish(spawn("pvp_pretrain.py", fill(pp(per_class="16"), w), w, tag="second"))
+    assert r.code == 0 and "waiting: another process is building" in r.out and "reusing it" in r.out, r.err[-2000:]
+    assert not (w.tmp / "m.safetensors.lock").exists() or proc.poll() is None
+
+
+def broken_lines(w):
+    assert fewshot.main(fill(fs(method="linear"), w)) == 0
+    good = (w.out / "results.jsonl").read_text()
+    (w.out / "results.jsonl").write_text(good + "not json\n" + json.dumps({"key": 1}) + "\n")
+
+
+def broken_lines_then(w, r):
+    assert [x["method"] for x in rows_of(w) if "status" in x] == ["linear", "vpt"]  # linear kept, vpt run
+
 # -----------------------------------------------------------------------------
 # the table
 
@@ -784,6 +802,12 @@ CASES = [
          script="pvp_pretrain.py"),
     Case("pretrain-per-class-with-data-on-disk", imagefolder, pp(data="imagefolder", data_root="{data}"), 1,
          ("--per-class", "--data imagefolder", "drop it"), script="pvp_pretrain.py"),
+    Case("pretrain-resume-without-file", None, pp(resume=True), 0, ("no resume file at {tmp}/m.safetensors.resume",
+                                                                     "from scratch"), script="pvp_pretrain.py", then=None),
+    Case("two-pretrains-one-out", None, pp(per_class="16"), 0, ("wrote",), script="pvp_pretrain.py",
+         during=second_pretrain, then=None),
+    Case("results-with-broken-lines", broken_lines, fs(method="linear,vpt"), 0,
+         ("warning: {out}/results.jsonl: skipped 2 line(s)", "(line 2, 3)", "saved:"), then=broken_lines_then),
     Case("pretrain-linear", None, pp(method="linear"), 1, ("--method linear", "only a head"), script="pvp_pretrain.py"),
     Case("pretrain-opt-unknown", None, pp(method="lora", opt="bottleneck=8"), 1, ("--method lora", "bottleneck"),
          script="pvp_pretrain.py"),
