@@ -124,6 +124,18 @@ def normalize(images, mean, std):
     mean, std = (torch.tensor(v, device=x.device).view(-1, 1, 1) for v in (mean, std))
     return (x - mean) / std
 
+def randaug(images, size, mean, std, reprob=0.0):
+    """NOAH's training transform (timm's create_transform with auto_augment "rand-m9-mstd0.5-inc1", re_prob), per
+    image of a uint8 batch (B, C, H, W) on any device, through torchvision.transforms.v2: RandomResizedCrop(size,
+    scale 0.08-1, bicubic), horizontal flip, RandAugment (2 ops at magnitude 9: torchvision's op set, with no
+    magnitude noise, where timm draws the magnitude around 9 with std 0.5), normalise, then random erasing with
+    probability reprob filled with normal noise (timm's "pixel" mode). Random draws come from the global torch RNG."""
+    from torchvision.transforms import v2
+    crop = v2.Compose([v2.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                                            antialias=True), v2.RandomHorizontalFlip(), v2.RandAugment(2, 9)])
+    erase = v2.RandomErasing(p=reprob, value="random") if reprob > 0 else (lambda x: x)
+    return torch.stack([erase(normalize(crop(im), mean, std)) for im in images])  # (B, C, size, size)
+
 def augment(images, how="none", generator=None, size=None):
     """The random part of a train transform, on a batch (B, C, H, W) on any device: "crop_flip" takes a random
     size x size crop (default 224/256 of the side) and flips it with probability 1/2; "none" centre-crops to `size`

@@ -121,11 +121,16 @@ class E2VPT(nn.Module):
     # -------------------------------------------------------------------------
     # efficient prompting: importance -> prune -> rewind
 
-    def importance(self, batches, loss_fn=F.cross_entropy, signed=False):
+    def importance(self, batches, loss_fn=F.cross_entropy, signed=False, token_from="segments"):
         """Scores {"token": (P,), "segment": (P, R)}: the mean over `batches` (an iterable of (images, labels) on
         the model's device) of |dL/d mask| with L = loss_fn(logits, labels), or of the signed gradient when
         signed=True. Per batch, of the batch-mean loss (batches of one image give the paper's E_x exactly). Eval
-        mode (no dropout), as the code; the parameters' .grad is left untouched. Also stored as self.scores."""
+        mode (no dropout), as the code; the parameters' .grad is left untouched. Also stored as self.scores.
+        token_from: a token's score is the sum of its segments' ("segments", the default), or the gradient of its
+        own mask ("mask", the paper's and the code's). The token mask scales a whole prompt token, and the next
+        block's LayerNorm undoes a scale (its output is the same up to eps), while the token's own residual row is
+        dropped at the next layer: so dL/d(token mask) is LayerNorm-eps-sized noise, ~1e-4 against ~0.1 for the
+        segments on a random ViT (tests/test_recipes.py measures it), and "mask" orders tokens by that noise."""
         masks, was_training = (self.token_mask, self.segment_mask), self.training
         totals, n = [torch.zeros_like(m) for m in masks], 0
         self.eval()
@@ -144,7 +149,8 @@ class E2VPT(nn.Module):
             self.train(was_training)
         if n == 0:
             raise ValueError("importance() got no batches")
-        self.scores = {"token": totals[0] / n, "segment": totals[1] / n}
+        segment = totals[1] / n
+        self.scores = {"token": segment.sum(1) if token_from == "segments" else totals[0] / n, "segment": segment}
         return self.scores
 
     @torch.no_grad()

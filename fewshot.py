@@ -101,9 +101,31 @@ class Config:
     warmup: float = field(default=0.1, metadata={"help": "fraction of steps of linear warmup before the cosine"})
     batch: int = field(default=64, metadata={"help": "batch size (at most the support-set size)"})
     norm: str = field(default=None, metadata={"help": "imagenet or inception (0.5/0.5); default per data"})
-    aug: str = field(default=None, metadata={"help": "none or crop_flip; default per data protocol"})
+    aug: str = field(default=None, metadata={"help": "none, crop_flip, or randaug (RandomResizedCrop 0.08-1, flip, "
+                                                     "RandAugment 2 ops at 9, random erasing); default per data"})
     img_size: int = field(default=None, metadata={"help": "input side; default: the backbone's"})
-    head_init: str = field(default="zero", metadata={"help": "zero, or prototype: the support set's normalised class means"})
+    head_init: str = field(default="zero", metadata={"help": "zero; prototype: the support set's normalised class "
+                                                            "means; trunc_normal (std 0.02, NOAH); kaiming (VPT)"})
+    recipe: str = field(default="nanopetl", metadata={"help": "a paper's whole protocol: nanopetl, noah, vpt, e2vpt "
+                                                              "(RECIPES); explicit flags override it"})
+    schedule: str = field(default="step", metadata={"help": "step (warmup then cosine per step), epoch (VPT: per "
+                                                            "epoch, epoch 0 at lr 0), timm (NOAH: timm's cosine)"})
+    warmup_lr: float = field(default=None, metadata={"help": "lr at the first warmup step (timm's warmup-lr; default: "
+                                                             "the ramp (t+1)/warmup)"})
+    min_lr: float = field(default=0.0, metadata={"help": "lr floor of the cosine"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cross-entropy"})
+    mixup: float = field(default=0.0, metadata={"help": "MixUp alpha (0: off); with --cutmix, one of the two per batch"})
+    cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha (0: off)"})
+    reprob: float = field(default=0.0, metadata={"help": "random-erasing probability per image (with --aug randaug)"})
+    drop_path: float = field(default=0.0, metadata={"help": "stochastic depth in the frozen backbone while training "
+                                                            "(timm's rule: 0 at block 0 up to this at the last)"})
+    drop_last: bool = field(default=False, metadata={"help": "drop each epoch's last incomplete batch"})
+    prune: str = field(default="nanopetl", metadata={"help": "E2VPT pruning: nanopetl (|grad| scores, the fractions "
+                                                             "below, rewind to the start), official (signed scores, "
+                                                             "fractions chosen on val over --prune-grid, fresh "
+                                                             "rewind), none"})
+    prune_grid: str = field(default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+                            metadata={"help": "--prune official's fractions, tried for tokens x segments"})
     prompts: int = field(default=None, metadata={"help": "prompt tokens per layer, num_prompts (vpt, e2vpt; default 10; "
                                                          "NOAH: 100)"})
     kv_prompts: int = field(default=None, metadata={"help": "E2VPT key-value prompts per layer, num_kv_prompts (default 5)"})
@@ -122,21 +144,91 @@ class Config:
 EMBEDDED = dict(max_steps=100, norm="inception")
 # what trains a run: in every line's protocol and key (img_size, norm and aug are added as resolved per task)
 PROTOCOL = ("optimizer", "lr", "lr_scale", "wd", "epochs", "max_steps", "warmup", "batch", "head_init", "amp", "grid",
-            "grid_lr", "grid_wd", "prune_tokens", "prune_segments")
-PRUNING = ("prune_tokens", "prune_segments")  # in the key only of methods that prune (importance + prune)
+            "grid_lr", "grid_wd", "schedule", "warmup_lr", "min_lr", "label_smoothing", "mixup", "cutmix", "reprob",
+            "drop_path", "drop_last", "prune", "prune_tokens", "prune_segments", "prune_grid")
+PRUNING = ("prune", "prune_tokens", "prune_segments", "prune_grid")  # in the key only of methods that prune
+
+# The papers' protocols. Each value: (value, where the official code sets it). `options` are methods' constructor
+# options. Explicit flags override; whatever is not named keeps Config's default (nanopetl's).
+NOAH = "ZhangYuanhan-AI/NOAH "  # few-shot: configs/{VPT,LoRA}/few-shot/slurm_train_*_few-shot.sh -> supernet_train_prompt.py
+VPT = "KMnP/vpt "
+E2VPT = "ChengHan111/E2VPT "
+RECIPES = {
+    "nanopetl": {},  # Config's defaults: NOAH's optimiser and schedule without its augmentation (module docstring)
+    "noah": {
+        "optimizer": ("adamw", NOAH + "supernet_train_prompt.py:74 (--opt adamw)"),
+        "lr": (5e-3, NOAH + "configs/VPT/few-shot/slurm_train_vpt_few-shot.sh:22 (LR in 0.005)"),
+        "wd": (1e-4, NOAH + "configs/VPT/few-shot/slurm_train_vpt_few-shot.sh:12 (WEIGHT_DECAY=0.0001)"),
+        "batch": (64, NOAH + "configs/VPT/few-shot/slurm_train_vpt_few-shot.sh:39 (--batch-size=64)"),
+        "epochs": (100, NOAH + "configs/VPT/few-shot/slurm_train_vpt_few-shot.sh:39 (--epochs=100)"),
+        "warmup": (0.1, NOAH + "supernet_train_prompt.py:107 (--warmup-epochs 10, of 100)"),
+        "schedule": ("timm", NOAH + "supernet_train_prompt.py:88,367 (--sched cosine, timm's create_scheduler)"),
+        "warmup_lr": (1e-6, NOAH + "supernet_train_prompt.py:98 (--warmup-lr)"),
+        "min_lr": (1e-5, NOAH + "supernet_train_prompt.py:100 (--min-lr)"),
+        "label_smoothing": (0.1, NOAH + "supernet_train_prompt.py:122 (--smoothing)"),
+        "mixup": (0.8, NOAH + "supernet_train_prompt.py:143,294 (--mixup, timm Mixup, switch prob 0.5 at :151)"),
+        "cutmix": (1.0, NOAH + "supernet_train_prompt.py:145 (--cutmix)"),
+        "aug": ("randaug", NOAH + "lib/datasets.py:214 (timm create_transform, --aa rand-m9-mstd0.5-inc1 at "
+                                  "supernet_train_prompt.py:119, RandomResizedCrop scale 0.08-1, flip)"),
+        "reprob": (0.25, NOAH + "supernet_train_prompt.py:133 (--reprob)"),
+        "drop_path": (0.1, NOAH + "supernet_train_prompt.py:59,305 (--drop-path; the model trains in train mode, "
+                                  "supernet_engine_prompt.py:57)"),
+        "drop_last": (True, NOAH + "supernet_train_prompt.py:280"),
+        "head_init": ("trunc_normal", NOAH + "model/supernet_vision_transformer_timm.py:686 (_init_vit_weights)"),
+        "options": ({"vpt": dict(dropout=0.1), "lora": dict(targets=["qkv"], dropout=0.1, alpha=None)},
+                    NOAH + "supernet_train_prompt.py:207-208 (prompt and LoRA dropout 0.1); "
+                           "model/supernet_vision_transformer_timm.py:224-228,277-281 (one A, one B over the fused "
+                           "qkv, no scaling)")},
+    "vpt": {
+        "optimizer": ("sgd", VPT + "configs/base-prompt.yaml:14 (momentum 0.9, src/configs/config.py:91)"),
+        "lr_scale": (True, VPT + "tune_fgvc.py:31 (lr / 256 * batch)"),
+        "grid": (True, VPT + "tune_fgvc.py:72-90 (lr x wd, chosen on val)"),
+        "wd": (1e-4, VPT + "configs/base-prompt.yaml:16"),
+        "batch": (128, VPT + "configs/base-prompt.yaml:25"),
+        "epochs": (100, VPT + "configs/base-prompt.yaml:19"),
+        "warmup": (0.1, VPT + "configs/base-prompt.yaml:18 (10 of 100 epochs)"),
+        "schedule": ("epoch", VPT + "src/engine/trainer.py:221 (scheduler.step() per epoch), "
+                                    "src/solver/lr_scheduler.py:56-64 (epoch 0 at lr 0)"),
+        "head_init": ("kaiming", VPT + "src/models/mlp.py:53-57, src/models/vit_models.py:164 (Kaiming-normal "
+                                       "fan_out, bias -log(99))"),
+        "options": ({"vpt": dict(dropout=0.0)}, VPT + "src/configs/config.py:74 (PROMPT.DROPOUT 0.0)")},
+    "e2vpt": {  # a fork of KMnP/vpt: the same solver, E2VPT's prompt settings and its pruning
+        "optimizer": ("sgd", E2VPT + "configs/base-prompt.yaml:14"),
+        "lr_scale": (True, E2VPT + "tune_fgvc.py (lr / 256 * batch, as KMnP/vpt)"),
+        "grid": (True, E2VPT + "tune_fgvc.py (lr x wd, chosen on val, as KMnP/vpt)"),
+        "wd": (1e-4, VPT + "configs/base-prompt.yaml:16"),
+        "batch": (64, E2VPT + "configs/base-prompt.yaml:25"),
+        "epochs": (100, E2VPT + "configs/base-prompt.yaml:19"),
+        "warmup": (0.1, E2VPT + "configs/base-prompt.yaml:18"),
+        "schedule": ("epoch", VPT + "src/engine/trainer.py:221"),
+        "head_init": ("kaiming", VPT + "src/models/mlp.py:53-57"),
+        "prune": ("official", E2VPT + "src/configs/config.py:192-202 (mask percents 10-90, at least 1 token and 4 "
+                                      "pieces), src/engine/trainer.py:359-470 (signed gradient scores)"),
+        "options": ({"e2vpt": dict(dropout=0.0)}, E2VPT + "src/configs/config.py:185 (P_VK.DROPOUT 0.0)")},
+}
 
 
-def parse(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(given_only=False):
+    """The command line of Config. given_only: flags not on the command line are left out (no defaults)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 **({"argument_default": argparse.SUPPRESS} if given_only else {}))
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, default = "--" + f.name.replace("_", "-"), {} if given_only else {"default": f.default}
         if f.type is bool:
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"], **default)
         elif f.type is list:
             ap.add_argument(flag, action="append", metavar="NAME=VALUE", help=f.metadata["help"])
         else:
-            ap.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"] + f" (default: {f.default})")
-    cfg = Config(**vars(ap.parse_args(argv)))
+            ap.add_argument(flag, type=f.type, help=f.metadata["help"] + f" (default: {f.default})", **default)
+    return ap
+
+
+def parse(argv=None):
+    """Config from the command line: Config's defaults, then the recipe's values, then the flags given."""
+    given = vars(parser(given_only=True).parse_args(argv))
+    recipe = RECIPES.get(given.get("recipe", Config.recipe), {})  # an unknown name: check() says so
+    cfg = Config(**{**vars(parser().parse_args(argv)), **{k: v for k, (v, _) in recipe.items() if k != "options"},
+                    **given})
     if cfg.weights is None and cfg.data.startswith("synthetic"):
         cfg = dataclasses.replace(cfg, **{k: v for k, v in EMBEDDED.items() if getattr(cfg, k) is None})
     return cfg
@@ -272,7 +364,8 @@ def method_options(name, cfg):
     takes = options_of(METHODS[name])
     if name == "pvp":
         return dict(checkpoint=cfg.pvp_init)
-    return {**takes, **{o: d for o, d in FLAGS.values() if o in takes},
+    recipe = RECIPES.get(cfg.recipe, {}).get("options", ({}, ""))[0].get(name, {})
+    return {**takes, **{o: d for o, d in FLAGS.values() if o in takes}, **recipe,
             **{k: v for k, v in given_options(cfg).items() if k in takes}}
 
 
@@ -370,17 +463,20 @@ def read_module(path, backbone):
 # the one training loop (pvp_pretrain.py uses it too), evaluation, and the head initialisation
 
 
-def batches(split, task, device, batch, *, train, generator=None, rank=0, world=1):
+def batches(split, task, device, batch, *, train, generator=None, rank=0, world=1, drop_last=False, reprob=0.0):
     """Normalised image batches on `device`: augmented when training (task.train_aug), centre-cropped otherwise;
     under torchrun each of `world` ranks takes every world-th image of the same order. A split of float features
-    (the linear probe's) is batched as it is."""
+    (the linear probe's) is batched as it is. drop_last: no incomplete last batch."""
     order = (torch.randperm(len(split), generator=generator) if train else torch.arange(len(split)))[rank::world]
-    for i in range(0, len(split), batch):
+    for i in range(0, len(order) - (batch - 1 if drop_last else 0), batch):
         idx = order[i:i + batch]
         x = split.images[idx].to(device, non_blocking=True)
         if x.dtype == torch.uint8:
-            x = data.augment(x, task.train_aug if train else "none", generator=generator, size=task.img_size)
-            x = data.normalize(x, task.mean, task.std)
+            how = task.train_aug if train else "none"
+            if how == "randaug":  # per image, on uint8: its random draws come from the seeded global generator
+                x = data.randaug(x, task.img_size, task.mean, task.std, reprob)
+            else:
+                x = data.normalize(data.augment(x, how, generator=generator, size=task.img_size), task.mean, task.std)
         yield x, split.labels[idx].to(device, non_blocking=True)
 
 
@@ -388,11 +484,36 @@ def autocast(device, amp):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
 
 
+def learning_rate(cfg, base, t, epoch, total, epochs):
+    """The lr at step t of `total` (in epoch `epoch` of `epochs`): linear warmup over the first cfg.warmup of the
+    schedule, then cosine down to cfg.min_lr. schedule "step" counts steps; "epoch" (VPT, src/solver/lr_scheduler.py)
+    counts epochs, so epoch 0 runs at lr 0 and the cosine starts after warmup; "timm" (NOAH: timm's
+    CosineLRScheduler) counts epochs and runs the cosine over all of them, the warmup laid over its start.
+    warmup_lr None: the ramp starts at base/warmup steps (step) or 0 (epoch); else at warmup_lr."""
+    pos, span = (t, total) if cfg.schedule == "step" else (epoch, epochs)
+    warm = int(cfg.warmup * span)
+    if pos < warm:
+        start = cfg.warmup_lr
+        return base * (pos + (cfg.schedule == "step")) / warm if start is None else start + (base - start) * pos / warm
+    t0 = 0 if cfg.schedule == "timm" else warm
+    return cfg.min_lr + (base - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * (pos - t0) / max(1, span - t0)))
+
+
+def mixer(cfg, num_classes):
+    """MixUp and/or CutMix on a batch (soft targets), one of them per batch when both are on (timm's Mixup with
+    switch prob 0.5, as NOAH), or None."""
+    from torchvision.transforms import v2
+    mixes = [m(alpha=a, num_classes=num_classes) for m, a in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix)) if a > 0]
+    return None if not mixes else mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+
 def train(model, split, task, cfg, device, *, seed, lr=None, desc="train", start_epoch=0, opt_state=None, on_epoch=None,
           distributed=False):
-    """AdamW or SGD with linear warmup then cosine, per step; `epochs` passes capped at `max_steps` steps. Each epoch
-    reseeds from (seed, epoch), so a run resumed at an epoch boundary (start_epoch, opt_state) replays exactly.
-    distributed=True (pvp_pretrain under torchrun): one model over all ranks, DDP averaging the gradients."""
+    """AdamW or SGD with warmup then cosine (learning_rate); `epochs` passes capped at `max_steps` steps. The loss is
+    cross-entropy with cfg.label_smoothing, on MixUp/CutMix soft targets when they are on (images only: the linear
+    probe's features are not mixed); cfg.drop_path turns on the frozen backbone's stochastic depth while it trains.
+    Each epoch reseeds from (seed, epoch), so a run resumed at an epoch boundary (start_epoch, opt_state) replays
+    exactly. distributed=True (pvp_pretrain under torchrun): one model over all ranks, DDP averaging the gradients."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed and dist.is_initialized() else (0, 1)
     net = DDP(model) if world > 1 else torch.compile(model) if cfg.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -402,23 +523,27 @@ def train(model, split, task, cfg, device, *, seed, lr=None, desc="train", start
     opt = torch.optim.AdamW(groups, lr=lr) if cfg.optimizer == "adamw" else torch.optim.SGD(groups, lr=lr, momentum=0.9)
     if opt_state:
         opt.load_state_dict(opt_state)
-    per_epoch = math.ceil(len(split) / world / min(cfg.batch, len(split)))
+    batch = min(cfg.batch, len(split))
+    per_epoch = (len(split) // world // batch if cfg.drop_last else math.ceil(len(split) / world / batch)) or 1
     total = min(cfg.epochs * per_epoch, cfg.max_steps or float("inf"))
-    warm, epochs = int(cfg.warmup * total), math.ceil(total / per_epoch)
-    schedule = lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, total - warm)))
+    epochs, mix = math.ceil(total / per_epoch), mixer(cfg, task.num_classes)
     model.train()
+    restore = drop_path_on(model, cfg.drop_path)
     t = start_epoch * per_epoch  # the step; not the bar's count, which stays 0 under TQDM_DISABLE=1
     bar = tqdm(total=total, initial=t, desc=desc, leave=False, dynamic_ncols=True)
     for epoch in range(start_epoch, epochs):
         torch.manual_seed(seed * 100_003 + epoch)  # dropout draws
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)  # order and augmentation
-        for x, y in batches(split, task, device, min(cfg.batch, len(split)), train=True, generator=g, rank=rank, world=world):
+        for x, y in batches(split, task, device, batch, train=True, generator=g, rank=rank, world=world,
+                            drop_last=cfg.drop_last, reprob=cfg.reprob):
             if t >= total:
                 break
             for group in opt.param_groups:
-                group["lr"] = lr * schedule(t)
+                group["lr"] = learning_rate(cfg, lr, t, epoch, total, epochs)
+            if mix and x.ndim == 4:
+                x, y = mix(x, y)  # y: (B, classes) soft targets
             with autocast(device, cfg.amp):
-                loss = F.cross_entropy(net(x), y)
+                loss = F.cross_entropy(net(x), y, label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
                 bar.close()
                 raise Diverged(f"the loss became {loss.item()} at step {t} of {desc}; lower the learning rate (--lr)")
@@ -430,7 +555,26 @@ def train(model, split, task, cfg, device, *, seed, lr=None, desc="train", start
         if on_epoch:
             on_epoch(epoch, opt)
     bar.close()
+    restore()
     return model
+
+
+def drop_path_on(model, rate):
+    """Stochastic depth in the frozen backbone while it trains, as NOAH trains its whole model in train mode: each
+    vit.ViT inside `model` gets rate * i / (depth - 1) at block i (timm's rule), its blocks in train mode (the ViT
+    has no dropout, so that changes only this). Returns a function that puts back what was. rate 0: nothing."""
+    saved = [(blk, blk.drop_path, blk.training) for m in model.modules() if isinstance(m, vitlib.ViT) and rate
+             for blk in m.blocks]
+    for m in (m for m in model.modules() if isinstance(m, vitlib.ViT) and rate):
+        for i, blk in enumerate(m.blocks):
+            blk.drop_path = rate * i / max(len(m.blocks) - 1, 1)
+            blk.train()
+
+    def restore():
+        for blk, r, mode in saved:
+            blk.drop_path = r
+            blk.train(mode)
+    return restore
 
 
 @torch.inference_mode()
@@ -455,8 +599,13 @@ def features(model, split, task, device, batch=256):
 @torch.inference_mode()
 def init_head(model, split, task, device, how):
     """zero: the head starts at 0. prototype: row c is the support set's mean feature of class c, L2-normalised
-    (each feature normalised first), bias 0 -- a nearest-class-mean classifier by dot product."""
+    (each feature normalised first), bias 0 -- a nearest-class-mean classifier by dot product. trunc_normal: std
+    0.02, bias 0 (timm's, NOAH's). kaiming: Kaiming-normal (fan_out), bias -log(99), a 1% prior (VPT's MLP head)."""
     nn.init.zeros_(model.head.weight), nn.init.zeros_(model.head.bias)
+    if how == "trunc_normal":
+        nn.init.trunc_normal_(model.head.weight, std=0.02)
+    if how == "kaiming":
+        nn.init.kaiming_normal_(model.head.weight, a=0, mode="fan_out"), nn.init.constant_(model.head.bias, -math.log(99))
     if how == "prototype":
         model.eval()
         feats = torch.cat([F.normalize(model.features(x).float(), dim=-1) for x, _ in batches(split, task, device, 256, train=False)])
@@ -491,15 +640,36 @@ def fit(name, task, backbone, cfg, device, seed):
               desc=f"{name} {task.name}")
     else:
         train(model, task.train, task, cfg, device, seed=seed, lr=lr, desc=f"{name} {task.name}")
-    if prunes(model):  # E2VPT Sec. 3.3: train, score, prune, rewind, train again
-        scores = model.importance(batches(task.train, task, device, min(cfg.batch, len(task.train)), train=False))
-        out["pruned"] = model.prune(cfg.prune_tokens, cfg.prune_segments, scores)  # what is kept
-        model.rewind()
-        init_head(model, task.train, task, device, cfg.head_init)
-        train(model, task.train, task, cfg, device, seed=seed, lr=lr, desc=f"{name} {task.name} rewound")
+    if prunes(model) and cfg.prune != "none":  # E2VPT Sec. 3.3: train, score, prune, rewind, train again
+        model, out["pruned"], out["prune_grid"] = prune_and_retrain(name, model, task, cfg, device, seed, lr)
     if hasattr(model, "merge"):  # LoRA: fold B·A into the frozen weights, zero-overhead inference
         model.merge()
     return model.eval(), out
+
+
+def prune_and_retrain(name, model, task, cfg, device, seed, lr):
+    """(the retrained model, what it kept, the [token, segment, val] grid or None). --prune nanopetl: |grad| scores
+    (a token by its segments', see e2vpt.importance), --prune-tokens x --prune-segments, rewind to the starting
+    values. official (ChengHan111/E2VPT src/engine/trainer.py:359-470): signed scores, the token mask's own, every
+    pair of --prune-grid tried and the best on val kept (ties: the first, least pruned), a fresh random rewind. A
+    pvp module always rewinds to its pre-trained values: a fresh draw would throw PVP away."""
+    official = cfg.prune == "official"
+    scores = model.importance(batches(task.train, task, device, min(cfg.batch, len(task.train)), train=False),
+                              signed=official, token_from="mask" if official else "segments")
+    fractions = [float(f) for f in cfg.prune_grid.split(",")]
+    pairs = [(a, b) for a in fractions for b in fractions] if official else [(cfg.prune_tokens, cfg.prune_segments)]
+    best, grid = None, []
+    for tokens, segments in pairs:
+        m = copy.deepcopy(model) if len(pairs) > 1 else model
+        kept = m.prune(tokens, segments, scores)
+        m.rewind(fresh=official and name != "pvp")
+        init_head(m, task.train, task, device, cfg.head_init)
+        train(m, task.train, task, cfg, device, seed=seed, lr=lr, desc=f"{name} {task.name} pruned {tokens}/{segments}")
+        if len(pairs) > 1:  # chosen on val, never on test
+            grid.append([tokens, segments, evaluate(m, task.val, task, device)])
+        if best is None or grid[-1][2] > best[2]:
+            best = (m, dict(kept, fractions=[tokens, segments]), grid[-1][2] if grid else None)
+    return best[0], best[1], grid or None
 
 
 def prunes(model_or_class):
@@ -800,11 +970,23 @@ def check(cfg):
             ("--prompts", cfg.prompts is None or cfg.prompts >= 1, "at least 1"),
             ("--kv-prompts", cfg.kv_prompts is None or cfg.kv_prompts >= 0, "at least 0"),
             ("--rank", cfg.rank is None or cfg.rank >= 1, "at least 1"),
-            ("--img-size", cfg.img_size is None or 1 <= cfg.img_size <= MAX_IMG, f"from 1 to {MAX_IMG}")):
+            ("--img-size", cfg.img_size is None or 1 <= cfg.img_size <= MAX_IMG, f"from 1 to {MAX_IMG}"),
+            ("--warmup-lr", cfg.warmup_lr is None or 0 <= cfg.warmup_lr <= lr_max, "a number >= 0"),
+            ("--min-lr", 0 <= cfg.min_lr <= cfg.lr, f"a number from 0 to --lr ({cfg.lr:g})"),
+            ("--label-smoothing", 0 <= cfg.label_smoothing < 1, "a fraction in [0, 1)"),
+            ("--mixup", 0 <= cfg.mixup <= 100, "an alpha >= 0 (0: off)"), ("--cutmix", 0 <= cfg.cutmix <= 100,
+                                                                            "an alpha >= 0 (0: off)"),
+            ("--reprob", 0 <= cfg.reprob <= 1, "a probability in [0, 1]"),
+            ("--drop-path", 0 <= cfg.drop_path < 1, "a rate in [0, 1)")):
         need(ok, f"{flag} must be {what}, got {getattr(cfg, flag[2:].replace('-', '_'))}")
-    for flag, value, choices in (("--optimizer", cfg.optimizer, ("adamw", "sgd")),
-                                 ("--aug", cfg.aug, (None, "none", "crop_flip")),
-                                 ("--head-init", cfg.head_init, ("zero", "prototype")),
+    listed("--prune-grid", cfg.prune_grid, float, lambda v: 0 <= v < 1, "a comma list of fractions in [0, 1)")
+    need(cfg.reprob == 0 or cfg.aug == "randaug", "--reprob is random erasing inside --aug randaug: "
+         "add --aug randaug, or drop --reprob")
+    for flag, value, choices in (("--optimizer", cfg.optimizer, ("adamw", "sgd")), ("--recipe", cfg.recipe, RECIPES),
+                                 ("--aug", cfg.aug, (None, "none", "crop_flip", "randaug")),
+                                 ("--schedule", cfg.schedule, ("step", "epoch", "timm")),
+                                 ("--prune", cfg.prune, ("nanopetl", "official", "none")),
+                                 ("--head-init", cfg.head_init, ("zero", "prototype", "trunc_normal", "kaiming")),
                                  ("--norm", cfg.norm, (None, *data.NORMS)), ("--arch", cfg.arch, tuple(vitlib.PRESETS))):
         need(value in choices, f"{flag} {value}: choose one of {', '.join(c for c in choices if c)}")
     arch = "vit_synthetic" if cfg.weights is None else vitlib.PRETRAINED.get(cfg.weights, {}).get("preset", cfg.arch)
@@ -908,7 +1090,8 @@ def main(argv=None):
         module = dict(method=meta["method"], config=meta["config"], hash=tensors_hash(tensors))
     print(f"nanoPETL few-shot: {', '.join(methods)} on {cfg.data} x shots {cfg.shots} x seeds {cfg.seeds}, "
           f"backbone {backbone_name} ({backbone_params:,} params, weights {backbone_hash}) on {device}"
-          f"{' (torch.compile)' * cfg.compile}\nprotocol: {json.dumps({k: getattr(cfg, k) for k in PROTOCOL})}\n"
+          f"{' (torch.compile)' * cfg.compile}\nprotocol (recipe {cfg.recipe}): "
+          f"{json.dumps({k: getattr(cfg, k) for k in PROTOCOL})}\n"
           "options: " + "; ".join(f"{m} {json.dumps(module if m == 'pvp' else method_options(m, cfg))}" for m in methods))
     results = out / "results.jsonl"
     done = finished(results, warn=rank == 0)
@@ -939,7 +1122,7 @@ def main(argv=None):
                     record = dict(key=key, method=m, row=label(m, identity["options"]), dataset=task.name,
                                   shots=k or "all", seed=s, identity=identity, backbone=backbone_name,
                                   weights=cfg.weights, pvp_init=cfg.pvp_init if m == "pvp" else None,
-                                  protocol=identity["protocol"], train_aug=task.train_aug,
+                                  protocol=identity["protocol"], recipe=cfg.recipe, train_aug=task.train_aug,
                                   sizes=dict(train=len(task.train), val=len(task.val), test=len(task.test)),
                                   num_classes=task.num_classes, backbone_params=backbone_params, compiled=cfg.compile,
                                   device=str(device))

@@ -7,12 +7,15 @@ A ~ Kaiming-uniform(a=sqrt(5)) (loralib, peft), B = 0, so the model equals the b
 W_q and W_v together (the default here). ViT stores q, k, v as one fused qkv Linear(D, 3D), rows q | k | v: each
 target gets its own (A, B) pair added to its D-row slice of the output (loralib's MergedLinear), the other slices
 untouched.
-"proj" adapts the attention's output projection. Optional dropout on the LoRA input (not on the frozen path).
+"proj" adapts the attention's output projection. "qkv" is NOAH's reading (ZhangYuanhan-AI/NOAH,
+model/supernet_vision_transformer_timm.py:224-228, 277-281): ONE pair over the whole fused projection, A (r x D)
+and B (3D x r), so q, k and v are all adapted through a shared A; NOAH applies no scaling (alpha = rank here) and
+dropout 0.1 (fewshot.py --recipe noah). Optional dropout on the LoRA input (not on the frozen path).
 merge() folds (alpha/r) B A into the frozen weights for zero-overhead inference; unmerge() takes it back out.
 
 Trained: every A and B (named *.lora_A.<target>, *.lora_B.<target>) and a new linear head on the final-norm CLS.
-    trainable = depth * len(targets) * r * 2 * dim + (dim+1)*classes
-    ViT-B/16, r=8 on q and v: 12 * 2 * 8 * 2 * 768 = 294,912 (0.34% of 85.8M), plus the head
+    trainable = depth * r * sum over targets of (dim + rows) + (dim+1)*classes,  rows = dim (q, k, v, proj), 3*dim (qkv)
+    ViT-B/16, r=8 on q and v: 12 * 8 * 2 * (768 + 768) = 294,912 (0.34% of 85.8M); on qkv: 12 * 8 * 4 * 768 = 294,912
 run: python fewshot.py --method lora --shots 16      (python lora.py: parameter counts and a tiny forward)
 
 LoRA(vit) replaces vit.blocks[i].attn.qkv (and .proj) *in place* by a LoRALinear holding the original layer
@@ -87,13 +90,15 @@ class LoRA(nn.Module):
     (weight and bias): the runner sets its own initialisation (fewshot.py --head-init). The ViT's head is unused."""
 
     name = "lora"
-    TARGETS = ("q", "k", "v", "proj")
+    TARGETS = ("q", "k", "v", "proj", "qkv")
 
     def __init__(self, vit, *, num_classes, rank=8, alpha=None, targets=("q", "v"), dropout=0.0):
         super().__init__()
         targets, alpha = tuple(targets), rank if alpha is None else alpha  # alpha = rank: scale 1 (peft's default)
-        if not targets or len(set(targets)) != len(targets) or not set(targets) <= set(self.TARGETS) or rank < 1:
-            raise ValueError(f"LoRA needs rank >= 1 and distinct targets from {self.TARGETS}; got rank={rank}, "
+        if not targets or len(set(targets)) != len(targets) or not set(targets) <= set(self.TARGETS) or rank < 1 or \
+                ("qkv" in targets and set(targets) & {"q", "k", "v"}):
+            raise ValueError(f"LoRA needs rank >= 1 and distinct targets from {self.TARGETS} (qkv, the whole fused projection, "
+                             f"not with q, k or v); got rank={rank}, "
                              f"targets={targets}")
         if any(isinstance(m, LoRALinear) for m in vit.modules()):
             raise ValueError("this ViT is already wrapped by a LoRA: build a fresh ViT for each LoRA")
@@ -101,8 +106,9 @@ class LoRA(nn.Module):
         self.vit = vit.requires_grad_(False).eval()  # frozen before wrapping, so only A and B are trainable
         qkv = [t for t in targets if t != "proj"]
         for blk in vit.blocks:
-            if qkv:
-                blk.attn.qkv = LoRALinear(blk.attn.qkv, ("q", "k", "v"), qkv, rank, alpha, dropout)
+            if qkv:  # slices q | k | v of the fused output, or all of it as one part ("qkv")
+                parts = ("qkv",) if qkv == ["qkv"] else ("q", "k", "v")
+                blk.attn.qkv = LoRALinear(blk.attn.qkv, parts, qkv, rank, alpha, dropout)
             if "proj" in targets:
                 blk.attn.proj = LoRALinear(blk.attn.proj, ("proj",), ["proj"], rank, alpha, dropout)
         self.head = nn.Linear(vit.dim, num_classes, device=vit.cls_token.device, dtype=vit.cls_token.dtype)
@@ -154,8 +160,9 @@ class LoRA(nn.Module):
 
     @staticmethod
     def trainable_count(vit, num_classes, *, rank, alpha, targets, dropout):
-        """The formula of the docstring: depth * len(targets) * r * 2 * dim + (dim+1) * classes."""
-        return len(vit.blocks) * len(targets) * rank * 2 * vit.dim + (vit.dim + 1) * num_classes
+        """The formula of the docstring: depth * r * sum of (dim + rows) over targets + (dim+1) * classes."""
+        rows = sum(3 * vit.dim if t == "qkv" else vit.dim for t in targets)
+        return len(vit.blocks) * rank * (len(targets) * vit.dim + rows) + (vit.dim + 1) * num_classes
 
     def _own(self, head):
         """The method's tensors by name (the live ones): vit.blocks.{i}.attn.qkv.lora_A.q, ..., head.weight,
