@@ -1,5 +1,6 @@
 """vit.py: parity with timm and torchvision, every checkpoint layout, resampling, refusals, the download path."""
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,9 @@ SMALL = dict(img_size=32, patch_size=8, dim=64, depth=2, heads=4)
 BASE = dict(img_size=224, patch_size=16, dim=768, depth=12, heads=12)
 
 
-def timm_vit(cfg, num_classes, std):
+def timm_vit(cfg, num_classes, std, **kw):
     m = VisionTransformer(img_size=cfg["img_size"], patch_size=cfg["patch_size"], embed_dim=cfg["dim"],
-                          depth=cfg["depth"], num_heads=cfg["heads"], num_classes=num_classes)
+                          depth=cfg["depth"], num_heads=cfg["heads"], num_classes=num_classes, **kw)
     return randomize(m, std=std).eval()
 
 
@@ -158,6 +159,36 @@ def test_own_format_and_safetensors_round_trip(tmp_path):
     vit.load_pretrained(ours(SMALL, 4), tmp_path / "wrapped.pth", verbose=False)
 
 
+def test_pos_embed_without_cls_position_matches_timm_no_embed_class():
+    """timm's no_embed_class (DeiT III) adds positions to the patches only: a zero CLS position is the same model."""
+    src = timm_vit(SMALL, 7, 0.1, no_embed_class=True)
+    assert src.pos_embed.shape == (1, 16, SMALL["dim"])
+    model = vit.load_pretrained(ours(SMALL, 7), src.state_dict(), verbose=False)
+    assert torch.equal(model.pos_embed[:, 0], torch.zeros(1, SMALL["dim"]))
+    x = images(SMALL)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x), atol=1e-5, rtol=0)
+    big = {**SMALL, "img_size": 48}  # and resampled to a 6x6 grid, as timm resamples it (no prefix token)
+    model = vit.load_pretrained(ours(big, 7), src.state_dict(), verbose=False)
+    oracle = timm_vit(big, 7, 0.5, no_embed_class=True)
+    oracle.load_state_dict(checkpoint_filter_fn(src.state_dict(), oracle))
+    with torch.no_grad():
+        torch.testing.assert_close(model(images(big)), oracle(images(big)), atol=1e-5, rtol=0)
+
+
+def test_pos_embed_without_batch_axis_is_placed(capsys):
+    src = timm_vit(SMALL, 7, 0.1)
+    x = images(SMALL)
+    for sd in ({**src.state_dict(), "pos_embed": src.pos_embed.detach()[0]},  # (17, D)
+               {**timm_vit(SMALL, 7, 0.1, no_embed_class=True).state_dict()}):
+        sd["pos_embed"] = sd["pos_embed"].reshape(-1, SMALL["dim"])  # (17, D), and (16, D) without a CLS position
+        reference = {**sd, "pos_embed": sd["pos_embed"][None]}
+        with torch.no_grad():
+            torch.testing.assert_close(vit.load_pretrained(ours(SMALL, 7), sd)(x),
+                                       vit.load_pretrained(ours(SMALL, 7), reference, verbose=False)(x), atol=0, rtol=0)
+    assert "pos_embed given a zero CLS position" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- refusals
 
 
@@ -180,6 +211,40 @@ def test_refuses_unknown_and_missing_keys():
     deeper = timm_vit({**SMALL, "depth": 3}, 7, 0.1).state_dict()
     refused(ours(SMALL, 7), deeper, "blocks.2.norm1.weight", "depth 2")
     refused(ours(SMALL, 7), {k: v for k, v in sd.items() if k != "norm.bias"}, "missing from the checkpoint: norm.bias")
+
+
+def test_refuses_pos_embed_it_cannot_place():
+    sd = timm_vit(SMALL, 7, 0.1).state_dict()
+    refused(ours(SMALL, 7), {**sd, "pos_embed": sd["pos_embed"][:, :7]}, "pos_embed has 7 positions", "(1, 1 + g*g, dim)")
+    refused(ours(SMALL, 7), {**sd, "pos_embed": sd["pos_embed"][None]}, "shape mismatch: pos_embed checkpoint (1, 1, 17")
+    refused(ours(SMALL, 7), {**sd, "pos_embed": sd["pos_embed"].expand(2, -1, -1)}, "pos_embed checkpoint (2, 17")
+    refused(ours(SMALL, 7), {**sd, "pos_embed": torch.tensor(0.5)}, "pos_embed checkpoint ()")
+
+
+def test_refuses_tensors_that_are_not_floating_point(tmp_path):
+    from safetensors.torch import save_file
+    sd = timm_vit(SMALL, 7, 0.1).state_dict()
+    refused(ours(SMALL, 7), {**sd, "pos_embed": (sd["pos_embed"] * 100).long()}, "pos_embed (int64)", "not floating")
+    save_file({**sd, "blocks.1.norm2.bias": torch.ones(SMALL["dim"], dtype=torch.bool)}, tmp_path / "b.safetensors")
+    refused(ours(SMALL, 7), tmp_path / "b.safetensors", "b.safetensors", "blocks.1.norm2.bias (bool)")
+    to_google_npz(sd, tmp_path / "int.npz", heads=SMALL["heads"])  # then its cls array made int8
+    with np.load(tmp_path / "int.npz") as z:
+        np.savez(tmp_path / "int.npz", **{k: (z[k].astype(np.int8) if k == "cls" else z[k]) for k in z.files})
+    refused(ours(SMALL, 7), tmp_path / "int.npz", "int.npz", "cls_token (int8)")
+
+
+def test_refuses_nan_and_infinite_values_naming_the_tensor(tmp_path):
+    sd = timm_vit(SMALL, 7, 0.1).state_dict()
+    bad = sd["blocks.1.mlp.fc1.weight"].clone()
+    bad[0, :2], bad[3, 3] = float("nan"), float("-inf")
+    refused(ours(SMALL, 7), {**sd, "blocks.1.mlp.fc1.weight": bad}, "blocks.1.mlp.fc1.weight holds 2 NaN and 1 "
+            f"infinite values of {bad.numel()}", "earlier checkpoint")
+    torch.save({**sd, "norm.bias": torch.full((SMALL["dim"],), float("inf")), "cls_token": bad[:1, None]},
+               tmp_path / "two.pth")
+    refused(ours(SMALL, 7), tmp_path / "two.pth", "two.pth", "(and 1 more tensors)")
+    vit.check_finite({"prompts": torch.zeros(2, 3), "mask": torch.ones(3, dtype=torch.bool)}, "module")  # passes
+    with pytest.raises(vit.CheckpointError, match=r"^m\.safetensors: prompts holds 1 NaN and 0 infinite values of 6:"):
+        vit.check_finite({"prompts": torch.tensor([[0, 1, float("nan")], [0, 0, 0]])}, "m.safetensors")
 
 
 class Payload:
@@ -227,12 +292,42 @@ def test_download_verifies_checksum_and_caches(tmp_path, monkeypatch):
 
     model = vit.load_pretrained(ours(SMALL, 7), "fixture", verbose=False)
     assert (tmp_path / "cache" / "ViT-S_8.npz").is_file()
+    assert (tmp_path / "cache" / "ViT-S_8.npz.md5").read_text().endswith(" " + md5)  # known: not hashed again
     fixture.unlink()  # the second load must come from the cache
     again = vit.load_pretrained(ours(SMALL, 7), "fixture", verbose=False)
     x = images(SMALL)
     with torch.no_grad():
         torch.testing.assert_close(again(x), src(x), atol=1e-5, rtol=0)
         torch.testing.assert_close(model(x), src(x), atol=1e-5, rtol=0)
+
+
+def test_named_weight_placed_by_hand_is_checked_once(tmp_path, monkeypatch):
+    """A file put in the cache by hand (as the download error suggests) is checked against the published md5 before
+    its first use; the digest is remembered beside it, keyed by size and mtime, so it is not hashed on every run."""
+    src = timm_vit(SMALL, 7, 0.1)
+    good, cache = tmp_path / "good.npz", tmp_path / "cache"
+    to_google_npz(src.state_dict(), good, heads=SMALL["heads"])
+    md5 = hashlib.md5(good.read_bytes()).hexdigest()
+    monkeypatch.setattr(vit, "CACHE", cache)
+    monkeypatch.setitem(vit.PRETRAINED, "byhand", dict(url="https://nowhere.invalid/ViT-S_8.npz", md5_prefix=md5[:6],
+                                                       preset="x", norm="inception"))
+    cache.mkdir()
+    placed, sidecar = cache / "ViT-S_8.npz", cache / "ViT-S_8.npz.md5"
+    to_google_npz(timm_vit(SMALL, 7, 0.2).state_dict(), placed, heads=SMALL["heads"])  # another file
+    message = refused(ours(SMALL, 7), "byhand", str(placed), f"does not start with {md5[:6]}", "Delete it")
+    assert "\n" not in message and placed.exists()  # the user's file is not deleted behind their back
+    placed.write_bytes(good.read_bytes())
+    os.utime(placed, ns=(1, 2_000_000_000))  # a new mtime, whatever the clock's resolution
+    x = images(SMALL)
+    with torch.no_grad():
+        torch.testing.assert_close(vit.load_pretrained(ours(SMALL, 7), "byhand", verbose=False)(x), src(x), atol=1e-5,
+                                   rtol=0)
+    assert sidecar.read_text() == f"{placed.stat().st_size} 2000000000 {md5}"
+    sidecar.write_text(f"{placed.stat().st_size} 2000000000 {'f' * 32}")  # a remembered verdict is trusted ...
+    refused(ours(SMALL, 7), "byhand", "md5 ffffffff")
+    os.utime(placed, ns=(1, 3_000_000_000))  # ... until the file changes: hashed again
+    vit.load_pretrained(ours(SMALL, 7), "byhand", verbose=False)
+    assert sidecar.read_text().endswith(md5)
 
 
 def test_unreachable_download_says_what_to_do(tmp_path, monkeypatch):
@@ -265,3 +360,14 @@ def test_kv_prompt_is_prepended_to_keys_and_values():
 def test_main_prints_counts_and_shape():
     out = subprocess.run([sys.executable, "vit.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "85,798,656" in out and "86,567,656" in out and "(4, 10)" in out
+
+
+def test_main_loads_a_checkpoint_into_a_preset(tmp_path):
+    from safetensors.torch import save_file
+    sd = timm_vit(dict(img_size=32, patch_size=8, dim=128, depth=6, heads=4), 0, 0.02, no_embed_class=True).state_dict()
+    save_file(sd, tmp_path / "deit3ish.safetensors")
+    out = subprocess.run([sys.executable, "vit.py", "--preset", "vit_synthetic", "--weights", tmp_path /
+                          "deit3ish.safetensors"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "1,216,896 parameters without head" in out and "vit_base" not in out
+    assert "pos_embed given a zero CLS position" in out and "features (4, 128)" in out
+
