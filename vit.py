@@ -9,9 +9,17 @@ ViT: Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021, arXiv 2010.
 Parameter names are timm's, so a timm state dict loads as it is; `load_pretrained` also converts Google's
 `.npz` (the ImageNet-21k ViT-B/16 of VPT, E2VPT and PVP) and torchvision's `vit_b_16` layout.
 
-Three seams for the methods (vpt.py, e2vpt.py, lora.py wrap this model, never copy it):
-    vit.embed(images) -> tokens, then `for blk in vit.blocks: x = blk(x, kv_prompt=...)`, then vit.norm, vit.head;
-    the last block takes cls_only=True, as only its CLS row is read (`ViT.features`).
+How a method attaches (vpt.py, e2vpt.py, lora.py wrap this model and never copy it; nor need new ones):
+  - the loop: vit.embed(images) -> tokens, `for blk in vit.blocks: x = blk(x)`, vit.norm, vit.head, which a
+    method writes out itself to add tokens between blocks (VPT's prompts); the last block takes cls_only=True,
+    as only its CLS row is read after it (`ViT.features`);
+  - blk(x, kv_prompt=(keys, values)): tokens joined to the keys and values only (E2VPT's key-value prompts);
+  - in-place replacement of any submodule, e.g. blk.attn.qkv = Wrap(blk.attn.qkv): LoRA beside a Linear, or SSF's
+    scale-and-shift after every Linear and LayerNorm (Lian et al., arXiv 2210.08823; dongzelian/SSF ssf_ada);
+  - blk.mlp_branch = module (None by default): a branch beside the MLP that reads the block's residual stream x
+    before norm2, x + mlp(norm2(x)) + mlp_branch(x) (AdaptFormer, Chen et al., arXiv 2205.13535; the official
+    Block.forward in ShoufaChen/AdaptFormer models/custom_modules.py).
+ViT(drop_path=r) adds stochastic depth (timm's rule, for recipes that train with it); off by default.
 run: python vit.py [--preset NAME] [--weights SOURCE]   (parameter counts; --weights: does a checkpoint load?)
 """
 import argparse
@@ -66,18 +74,29 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def drop_path(x, rate, training):
+    """Stochastic depth (Huang et al., arXiv 1603.09382; timm's DropPath): in training, each sample's residual branch
+    is dropped with probability `rate` and kept ones are scaled by 1/keep, so the expectation is unchanged."""
+    if not training or rate == 0:
+        return x
+    keep = x.new_empty(x.shape[0], *[1] * (x.dim() - 1)).bernoulli_(1 - rate)  # (B, 1, 1): 1 keeps the branch
+    return x * keep.div_(1 - rate) if rate < 1 else x * keep
+
+
 class Block(nn.Module):
-    def __init__(self, dim, heads, mlp_ratio):
+    def __init__(self, dim, heads, mlp_ratio, drop_path=0.0):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path, self.mlp_branch = drop_path, None  # mlp_branch: a method's module beside the MLP
 
     def forward(self, x, kv_prompt=None, cls_only=False):
         # cls_only (the last block): only the CLS row is read after it, so only it queries, and the projection and
         # the MLP run on that row alone -- the same CLS output for about a quarter of the block's arithmetic.
-        q = 1 if cls_only else None
-        x = x[:, :q] + self.attn(self.norm1(x), kv_prompt, queries=q)  # (B, N or 1, D)
-        return x + self.mlp(self.norm2(x))
+        q, rate = (1 if cls_only else None), self.drop_path
+        x = x[:, :q] + drop_path(self.attn(self.norm1(x), kv_prompt, queries=q), rate, self.training)  # (B, N or 1, D)
+        out = x + drop_path(self.mlp(self.norm2(x)), rate, self.training)
+        return out if self.mlp_branch is None else out + self.mlp_branch(x)  # AdaptFormer's branch is never dropped
 
 
 class PatchEmbed(nn.Module):
@@ -106,13 +125,15 @@ def resample_pos_embed(pos_embed, grid):
 
 
 class ViT(nn.Module):
-    def __init__(self, *, img_size=224, patch_size=16, dim=768, depth=12, heads=12, mlp_ratio=4.0, num_classes=1000):
+    def __init__(self, *, img_size=224, patch_size=16, dim=768, depth=12, heads=12, mlp_ratio=4.0, num_classes=1000,
+                 drop_path=0.0):
         super().__init__()
         self.img_size, self.patch_size, self.dim = img_size, patch_size, dim
         self.patch_embed = PatchEmbed(patch_size, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + (img_size // patch_size) ** 2, dim) * 0.02)
-        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio) for _ in range(depth)])
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # timm's rule: 0 at the first block, rising
+        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio, rate) for rate in rates])  # to drop_path at the last
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
         for m in self.modules():  # timm's default init for Linear layers; LayerNorm stays at (1, 0)

@@ -1,4 +1,5 @@
-"""vit.py: parity with timm and torchvision, every checkpoint layout, resampling, refusals, the download path."""
+"""vit.py: parity with timm and torchvision, every checkpoint layout, resampling, refusals, the download path, the
+seams a method attaches through, and drop-path."""
 import hashlib
 import os
 import subprocess
@@ -8,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 from timm.models.vision_transformer import VisionTransformer, _load_weights, checkpoint_filter_fn
 from timm.layers import resample_abs_pos_embed
@@ -371,3 +374,113 @@ def test_main_loads_a_checkpoint_into_a_preset(tmp_path):
     assert "1,216,896 parameters without head" in out and "vit_base" not in out
     assert "pos_embed given a zero CLS position" in out and "features (4, 128)" in out
 
+
+class ParallelAdapter(nn.Module):
+    """AdaptFormer's AdaptMLP (ShoufaChen/AdaptFormer, models/adapter.py, without its optional LayerNorm): s * up(
+    relu(down(x))) on the residual stream x, beside the MLP; `up` starts at zero, so the block starts unchanged."""
+
+    def __init__(self, dim, bottleneck=8, scale=0.1):
+        super().__init__()
+        self.down, self.up, self.scale = nn.Linear(dim, bottleneck), nn.Linear(bottleneck, dim), scale
+        nn.init.zeros_(self.up.weight), nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        return self.scale * self.up(F.relu(self.down(x)))
+
+
+def test_parallel_adapter_attaches_beside_the_mlp():
+    model = randomize(ours(SMALL, 5), std=0.1)
+    x = images(SMALL)
+    with torch.no_grad():
+        before = model(x)
+        for blk in model.blocks:
+            blk.mlp_branch = ParallelAdapter(SMALL["dim"])
+        assert torch.equal(model(x), before)  # zero init: exactly the backbone
+        for blk in model.blocks:
+            randomize(blk.mlp_branch, std=0.1, seed=3)
+        assert (model(x) - before).abs().max() > 1e-3
+        blk, tokens = model.blocks[0], torch.randn(2, 17, SMALL["dim"])
+        for q in (None, 1):  # every row, and the last block's CLS row alone
+            stream = tokens[:, :q] + blk.attn(blk.norm1(tokens), queries=q)  # the residual stream before norm2
+            expected = stream + blk.mlp(blk.norm2(stream)) + blk.mlp_branch(stream)  # AdaptFormer Eq. 4
+            torch.testing.assert_close(blk(tokens, cls_only=q == 1), expected, atol=1e-6, rtol=0)
+    assert {k for k in model.state_dict() if "mlp_branch" in k} == {f"blocks.{i}.mlp_branch.{n}.{w}" for i in range(2)
+                                                                   for n in ("down", "up") for w in ("weight", "bias")}
+
+
+class ScaleShift(nn.Module):
+    """SSF (dongzelian/SSF, models/vision_transformer.py, ssf_ada): y = layer(x) * scale + shift, per channel."""
+
+    def __init__(self, layer, dim):
+        super().__init__()
+        self.layer, self.scale, self.shift = layer, nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        return self.layer(x) * self.scale + self.shift
+
+
+def test_scale_and_shift_attaches_by_replacing_submodules():
+    """SSF's places (after patch_embed, every Linear and LayerNorm of a block, the final norm) are submodules that
+    vit.py calls by attribute: replacing each in place reaches them all, no forward copied."""
+    model = randomize(ours(SMALL, 5), std=0.1)
+    x = images(SMALL)
+    with torch.no_grad():
+        before, features = model(x), model.features(x)
+        places = [(model.patch_embed, "proj"), (model, "norm")] + [(m, n) for blk in model.blocks for m, n in (
+            (blk, "norm1"), (blk.attn, "qkv"), (blk.attn, "proj"), (blk, "norm2"), (blk.mlp, "fc1"), (blk.mlp, "fc2"))]
+        for owner, name in places:
+            layer = getattr(owner, name)
+            setattr(owner, name, ScaleShift(layer, layer.weight.shape[0]))
+        assert torch.equal(model(x), before)  # identity init: exactly the backbone
+        s, t = torch.rand(SMALL["dim"]) + 0.5, torch.randn(SMALL["dim"])
+        model.norm.scale.copy_(s), model.norm.shift.copy_(t)
+        torch.testing.assert_close(model.features(x), features * s + t, atol=1e-5, rtol=0)  # after the final norm
+        for owner, name in places[2:]:  # and each block place changes the output (a shift that is not uniform
+            shift = getattr(owner, name).shift  # across channels, which the next LayerNorm would take out)
+            shift.add_(d := torch.randn(shift.shape))
+            assert (model.features(x) - features * s - t).abs().max() > 1e-3, name
+            shift.sub_(d)
+
+
+# ----------------------------------------------------------------------------- drop-path (stochastic depth)
+
+
+def test_drop_path_off_by_default_and_exact_at_zero():
+    model = randomize(ours(SMALL, 5), std=0.1)
+    assert [blk.drop_path for blk in model.blocks] == [0.0, 0.0]
+    x = images(SMALL)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        trained = model.train()(x)
+        assert torch.equal(trained, model.eval()(x))  # nothing random at rate 0, nor any other train-mode change
+        t = torch.randn(3, 4, 5)
+        assert vit.drop_path(t, 0.0, True) is t and vit.drop_path(t, 0.5, False) is t  # the very same tensor
+
+
+def test_drop_path_follows_timm_rule_and_matches_timm_in_train_mode():
+    cfg = {**SMALL, "depth": 3}
+    ref = timm_vit(cfg, 5, 0.1, drop_path_rate=0.5)
+    model = vit.load_pretrained(vit.ViT(**cfg, num_classes=5, drop_path=0.5), ref.state_dict(), verbose=False)
+    assert [blk.drop_path for blk in model.blocks] == [0.0, 0.25, 0.5]
+    assert [blk.drop_path1.drop_prob if i else 0.0 for i, blk in enumerate(ref.blocks)] == [0.0, 0.25, 0.5]
+    x = images(cfg, n=16)
+    with torch.no_grad():
+        for seed in range(3):  # the same random draws, in the same order: the same outputs
+            torch.manual_seed(seed)
+            expected = ref.train()(x)
+            torch.manual_seed(seed)
+            torch.testing.assert_close(model.train()(x), expected, atol=1e-5, rtol=0)
+        torch.manual_seed(0)
+        assert (model(x) - model.eval()(x)).abs().max() > 1e-3  # active in train mode only
+        torch.testing.assert_close(model.eval()(x), ref.eval()(x), atol=1e-5, rtol=0)
+
+
+def test_drop_path_is_per_sample_and_keeps_the_expectation():
+    torch.manual_seed(0)
+    y = vit.drop_path(torch.ones(40_000, 3, 4), 0.3, training=True)
+    assert torch.equal(y.amin((1, 2)), y.amax((1, 2)))  # a whole sample's branch is dropped or kept
+    kept = y[:, 0, 0] > 0
+    assert y[:, 0, 0].unique().tolist() == [0.0, pytest.approx(1 / 0.7)]
+    assert abs(kept.float().mean() - 0.7) < 4 * (0.21 / 40_000) ** 0.5  # within 4 sigma of the keep rate
+    assert abs(y.mean() - 1) < 4 * (0.3 / 0.7 / 40_000) ** 0.5  # scaled by 1/keep: the mean is unchanged
+    assert torch.equal(vit.drop_path(torch.ones(5, 2), 1.0, True), torch.zeros(5, 2))  # rate 1: always dropped
