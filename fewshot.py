@@ -453,10 +453,7 @@ def read_module(path, backbone):
         raise vitlib.CheckpointError(
             f"{path} was pre-trained on backbone {meta['backbone']} (weights {meta['backbone_hash']}), not on this one "
             f"(weights {weights_hash(backbone)}): pre-train it on this backbone with pvp_pretrain.py --weights")
-    for k, v in tensors.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise vitlib.CheckpointError(f"{path}: tensor {k} holds {int((~torch.isfinite(v)).sum())} NaN or infinite "
-                                         "values: the pre-training diverged; pre-train it again (a lower --lr)")
+    vitlib.check_finite(tensors, path)
     return meta, tensors
 
 # -----------------------------------------------------------------------------

@@ -9,11 +9,20 @@ ViT: Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021, arXiv 2010.
 Parameter names are timm's, so a timm state dict loads as it is; `load_pretrained` also converts Google's
 `.npz` (the ImageNet-21k ViT-B/16 of VPT, E2VPT and PVP) and torchvision's `vit_b_16` layout.
 
-Three seams for the methods (vpt.py, e2vpt.py, lora.py wrap this model, never copy it):
-    vit.embed(images) -> tokens, then `for blk in vit.blocks: x = blk(x, kv_prompt=...)`, then vit.norm, vit.head;
-    the last block takes cls_only=True, as only its CLS row is read (`ViT.features`).
-run: python vit.py      (parameter counts of the presets and an output shape)
+How a method attaches (vpt.py, e2vpt.py, lora.py wrap this model and never copy it; nor need new ones):
+  - the loop: vit.embed(images) -> tokens, `for blk in vit.blocks: x = blk(x)`, vit.norm, vit.head, which a
+    method writes out itself to add tokens between blocks (VPT's prompts); the last block takes cls_only=True,
+    as only its CLS row is read after it (`ViT.features`);
+  - blk(x, kv_prompt=(keys, values)): tokens joined to the keys and values only (E2VPT's key-value prompts);
+  - in-place replacement of any submodule, e.g. blk.attn.qkv = Wrap(blk.attn.qkv): LoRA beside a Linear, or SSF's
+    scale-and-shift after every Linear and LayerNorm (Lian et al., arXiv 2210.08823; dongzelian/SSF ssf_ada);
+  - blk.mlp_branch = module (None by default): a branch beside the MLP that reads the block's residual stream x
+    before norm2, x + mlp(norm2(x)) + mlp_branch(x) (AdaptFormer, Chen et al., arXiv 2205.13535; the official
+    Block.forward in ShoufaChen/AdaptFormer models/custom_modules.py).
+ViT(drop_path=r) adds stochastic depth (timm's rule, for recipes that train with it); off by default.
+run: python vit.py [--preset NAME] [--weights SOURCE]   (parameter counts; --weights: does a checkpoint load?)
 """
+import argparse
 import hashlib
 import json
 import math
@@ -22,6 +31,7 @@ import pickle
 import re
 import urllib.request
 import zipfile
+from contextlib import suppress
 from functools import partial
 from pathlib import Path
 
@@ -64,18 +74,29 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def drop_path(x, rate, training):
+    """Stochastic depth (Huang et al., arXiv 1603.09382; timm's DropPath): in training, each sample's residual branch
+    is dropped with probability `rate` and kept ones are scaled by 1/keep, so the expectation is unchanged."""
+    if not training or rate == 0:
+        return x
+    keep = x.new_empty(x.shape[0], *[1] * (x.dim() - 1)).bernoulli_(1 - rate)  # (B, 1, 1): 1 keeps the branch
+    return x * keep.div_(1 - rate) if rate < 1 else x * keep
+
+
 class Block(nn.Module):
-    def __init__(self, dim, heads, mlp_ratio):
+    def __init__(self, dim, heads, mlp_ratio, drop_path=0.0):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path, self.mlp_branch = drop_path, None  # mlp_branch: a method's module beside the MLP
 
     def forward(self, x, kv_prompt=None, cls_only=False):
         # cls_only (the last block): only the CLS row is read after it, so only it queries, and the projection and
         # the MLP run on that row alone -- the same CLS output for about a quarter of the block's arithmetic.
-        q = 1 if cls_only else None
-        x = x[:, :q] + self.attn(self.norm1(x), kv_prompt, queries=q)  # (B, N or 1, D)
-        return x + self.mlp(self.norm2(x))
+        q, rate = (1 if cls_only else None), self.drop_path
+        x = x[:, :q] + drop_path(self.attn(self.norm1(x), kv_prompt, queries=q), rate, self.training)  # (B, N or 1, D)
+        out = x + drop_path(self.mlp(self.norm2(x)), rate, self.training)
+        return out if self.mlp_branch is None else out + self.mlp_branch(x)  # AdaptFormer's branch is never dropped
 
 
 class PatchEmbed(nn.Module):
@@ -104,13 +125,15 @@ def resample_pos_embed(pos_embed, grid):
 
 
 class ViT(nn.Module):
-    def __init__(self, *, img_size=224, patch_size=16, dim=768, depth=12, heads=12, mlp_ratio=4.0, num_classes=1000):
+    def __init__(self, *, img_size=224, patch_size=16, dim=768, depth=12, heads=12, mlp_ratio=4.0, num_classes=1000,
+                 drop_path=0.0):
         super().__init__()
         self.img_size, self.patch_size, self.dim = img_size, patch_size, dim
         self.patch_embed = PatchEmbed(patch_size, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + (img_size // patch_size) ** 2, dim) * 0.02)
-        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio) for _ in range(depth)])
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # timm's rule: 0 at the first block, rising
+        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio, rate) for rate in rates])  # to drop_path at the last
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
         for m in self.modules():  # timm's default init for Linear layers; LayerNorm stays at (1, 0)
@@ -163,15 +186,36 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or placed; the message names the file, keys and shapes."""
 
 
+def md5_of(path, known=None):
+    """The md5 of a file, remembered in a sidecar `<file>.md5` keyed by its size and mtime, so a 330 MB file is
+    hashed once and not on every run (`known`: a digest just computed, to remember)."""
+    st, side = path.stat(), path.with_name(path.name + ".md5")
+    key = f"{st.st_size} {st.st_mtime_ns} "
+    with suppress(OSError, UnicodeError):
+        if known is None and (text := side.read_text()).startswith(key):
+            return text[len(key):].strip()
+    if known is None:
+        with open(path, "rb") as f:
+            known = hashlib.file_digest(f, "md5").hexdigest()
+    with suppress(OSError):  # a read-only cache: hashed again next time
+        (tmp := side.with_name(f"{side.name}.{os.getpid()}")).write_text(key + known), tmp.replace(side)
+    return known
+
+
 def download(name):
-    """Fetch PRETRAINED[name] once into CACHE, as a .part file renamed only when the checksum holds."""
+    """PRETRAINED[name] from CACHE, fetched once (to a temporary file, renamed only when the checksum holds); a file
+    already there, e.g. placed by hand, is checked against the published checksum before its first use."""
     from tqdm import tqdm
     url, prefix = PRETRAINED[name]["url"], PRETRAINED[name]["md5_prefix"]
     path = CACHE / url.rsplit("/", 1)[1]
     if path.exists():
+        if prefix and not (md5 := md5_of(path)).startswith(prefix):
+            raise CheckpointError(f"{path}: md5 {md5} does not start with {prefix}, the published checksum of {name}: "
+                                  "a damaged or different file. Delete it to download it again, or pass it as "
+                                  "--weights PATH to use it unchecked")
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    part, md5 = path.with_suffix(".part"), hashlib.md5()
+    part, md5 = path.with_suffix(f".{os.getpid()}.part"), hashlib.md5()
     try:
         with urllib.request.urlopen(url) as r, open(part, "wb") as f, tqdm(
                 total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True, desc=name) as bar:
@@ -185,7 +229,19 @@ def download(name):
         part.unlink()
         raise CheckpointError(f"{name}: md5 {md5.hexdigest()} does not start with the published {prefix}: "
                               "a corrupt download or not the published file")
-    return part.rename(path)
+    md5_of(part.rename(path), md5.hexdigest())
+    return path
+
+
+def check_finite(tensors, where):
+    """Refuse NaN or infinite values (a checkpoint saved after training diverged, or a damaged file), naming the
+    tensor and how many: they would otherwise surface as a NaN loss in every run."""
+    bad = [k for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        v, more = tensors[bad[0]], f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{where}: {bad[0]} holds {int(v.isnan().sum())} NaN and {int(v.isinf().sum())} "
+                              f"infinite values of {v.numel()}{more}: saved after training diverged, or damaged; use "
+                              "an earlier checkpoint or make it again")
 
 
 def error_line(e):
@@ -277,10 +333,25 @@ def to_timm_names(sd):
     return dict(sd), "timm"
 
 
+def fit_pos_embed(pos, grid, where):
+    """(1, N, D) -> (1, 1 + grid*grid, D), and notes. A square N has no CLS position (timm's no_embed_class: the CLS
+    token gets none), so it gets a zero one, the same sums; 1 + g*g is never a square, so the cases cannot mix."""
+    n, note = pos.shape[1], []
+    if (square := lambda k: k > 0 and math.isqrt(k) ** 2 == k)(n):
+        pos, note = torch.cat([pos.new_zeros(1, 1, pos.shape[2]), pos], dim=1), ["pos_embed given a zero CLS position"]
+    elif not square(n - 1):
+        raise CheckpointError(f"{where}: pos_embed has {n} positions, neither g*g patches nor 1 + g*g with a CLS one: "
+                              "not a ViT position table this loader can place; save it as (1, 1 + g*g, dim)")
+    if pos.shape[1] != 1 + grid * grid:
+        pos, note = resample_pos_embed(pos, grid), note + [f"pos_embed resampled from {n} to {grid * grid} patches"]
+    return pos, note
+
+
 def load_pretrained(model, source, verbose=True):
     """Load a PRETRAINED name, a file or a state dict into `model` (a ViT) and return it. Converts the layout,
-    resamples pos_embed to the model's grid, drops pre_logits, keeps the head only when its class count matches,
-    and refuses, naming every key and shape, whatever it cannot place."""
+    fits pos_embed to the model's grid (a missing batch axis or CLS position added, resampled), drops pre_logits,
+    keeps the head only when its class count matches, and refuses, naming the key, whatever it cannot place: a
+    shape that does not fit, a tensor that is not floating point, a NaN or infinite value."""
     if isinstance(source, str) and source in PRETRAINED:
         source = download(source)
     where = "state dict" if isinstance(source, dict) else str(source)
@@ -289,13 +360,17 @@ def load_pretrained(model, source, verbose=True):
     except KeyError as e:  # a Google .npz with a tensor missing
         raise CheckpointError(f"{where}: a Google .npz layout without {e}: an incomplete or foreign file") from None
     sd = {k: v for k, v in sd.items() if not k.startswith("pre_logits")}  # IN21k's tanh layer; no method uses it
+    if ints := [f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in sd.items() if not v.is_floating_point()]:
+        raise CheckpointError(f"{where}: {', '.join(ints[:4])}{' ...' if len(ints) > 4 else ''} not floating point, "
+                              "so not a ViT's weights (a quantised checkpoint?): save the float weights")
+    check_finite(sd, where)
     target, notes = model.state_dict(), []
     if sd.get("patch_embed.proj.weight", torch.empty(0)).dim() == 4:  # a conv kernel (D, C, p, p) -> (D, C*p*p)
         sd["patch_embed.proj.weight"] = sd["patch_embed.proj.weight"].flatten(1)
     pos, want = sd.get("pos_embed"), target["pos_embed"]
-    if pos is not None and pos.shape[1] != want.shape[1] and pos.shape[2] == want.shape[2]:
-        sd["pos_embed"] = resample_pos_embed(pos, math.isqrt(want.shape[1] - 1))
-        notes.append(f"pos_embed resampled from {pos.shape[1] - 1} to {want.shape[1] - 1} patches")
+    if pos is not None and pos.dim() in (2, 3) and pos.shape != want.shape and pos.shape[-1] == want.shape[-1] and (
+            pos.dim() == 2 or pos.shape[0] == 1):  # (N, D) or (1, N, D) is placed; anything else is refused below
+        sd["pos_embed"], notes = fit_pos_embed(pos.reshape(1, -1, pos.shape[-1]), math.isqrt(want.shape[1] - 1), where)
     if "head.weight" in sd and sd["head.weight"].shape != target.get("head.weight", torch.empty(0)).shape:
         notes.append(f"head of {sd['head.weight'].shape[0]} classes not loaded (the model's has "
                      f"{target['head.weight'].shape[0] if 'head.weight' in target else 'none'})")
@@ -319,10 +394,24 @@ def load_pretrained(model, source, verbose=True):
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Parameter counts of the presets, and with --weights whether (and how) a "
+                                 "checkpoint loads into one.")
+    ap.add_argument("--preset", choices=PRESETS, help="one preset (default: all; with --weights, the named weight's "
+                    "own, else vit_base_patch16)")
+    ap.add_argument("--weights", metavar="SOURCE", help=f"a checkpoint file or a named weight: {', '.join(PRETRAINED)}")
+    args = ap.parse_args()
+    name = args.preset or args.weights and PRETRAINED.get(args.weights, {}).get("preset", "vit_base_patch16")
     count = lambda m: sum(p.numel() for p in m.parameters())
-    for name, preset in PRESETS.items():
+    for each in [name] if name else PRESETS:
         with torch.device("meta"):  # counting needs no memory
-            body, full = preset(num_classes=0), preset(num_classes=1000)
-        print(f"{name:18s} {count(body):>11,} parameters without head, {count(full):>11,} with 1000 classes")
-    x = torch.randn(4, 3, 32, 32)
-    print(f"vit_synthetic: images {tuple(x.shape)} -> logits {tuple(vit_synthetic(num_classes=10).eval()(x).shape)}")
+            body, full = PRESETS[each](num_classes=0), PRESETS[each](num_classes=1000)
+        print(f"{each:18s} {count(body):>11,} parameters without head, {count(full):>11,} with 1000 classes")
+    try:
+        model = load_pretrained(PRESETS[name](num_classes=0), args.weights) if args.weights else vit_synthetic(
+            num_classes=10)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    with torch.no_grad():
+        x = torch.randn(4, 3, model.img_size, model.img_size)
+        print(f"{name or 'vit_synthetic'}: images {tuple(x.shape)} -> {'features' if args.weights else 'logits'} "
+              f"{tuple(model.eval()(x).shape)}")

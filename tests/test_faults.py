@@ -848,7 +848,39 @@ CASES = [
     Case("data-script-bad-flag", None, ["--bogus"], 2, ("unrecognized arguments: --bogus",), script="data.py"),
     Case("data-script-sheet-not-writable", not_writable, ["--sheet", "{ro}/sheet.png"], 1,
          ("cannot write the contact sheet {ro}/sheet.png (--sheet)", "choose another path"), script="data.py"),
+    # --- vit.py: loader faults (issue 11)
+    Case("weights-with-nan", lambda w: edited(w, "nan", "blocks.2.mlp.fc1.weight", lambda v: poisoned(v, nan=2, inf=1)),
+         fs(weights="{tmp}/nan.safetensors"), 1,
+         ("{tmp}/nan.safetensors", "blocks.2.mlp.fc1.weight holds 2 NaN and 1 infinite", "earlier checkpoint")),
+    Case("weights-integer-tensor", lambda w: edited(w, "int", "pos_embed", lambda v: (v * 100).long()),
+         fs(weights="{tmp}/int.safetensors"), 1, ("{tmp}/int.safetensors", "pos_embed (int64)", "not floating point")),
+    Case("weights-pos-embed-without-a-grid", lambda w: edited(w, "pos7", "pos_embed", lambda v: v[:, :7]),
+         fs(weights="{tmp}/pos7.safetensors"), 1, ("{tmp}/pos7.safetensors", "pos_embed has 7 positions")),
+    Case("weights-pos-embed-2d-without-cls", lambda w: edited(w, "pos2d", "pos_embed", lambda v: v[0, 1:]),
+         fs(weights="{tmp}/pos2d.safetensors"), 0, ("pos_embed given a zero CLS position", "saved:"), then=one_ok_run),
+    Case("named-weights-placed-by-hand-wrong", lambda w: (w.tmp / "cache").mkdir() or (
+        w.tmp / "cache" / "ViT-B_16.npz").write_bytes(b"not the published file"), fs(weights="vit_b16_in21k"), 1,
+         ("{tmp}/cache/ViT-B_16.npz", "does not start with d9715d", "Delete it"), cli=True),  # cli: NANOPETL_CACHE
+    Case("vit-py-unknown-flag", None, ["--bogus"], 2, ("unrecognized arguments: --bogus",), script="vit.py"),
+    Case("vit-py-unknown-preset", None, ["--preset", "vit_huge"], 2, ("--preset", "invalid choice: 'vit_huge'"),
+         script="vit.py"),
+    Case("vit-py-weights-with-inf", lambda w: edited(w, "inf", "norm.bias", lambda v: poisoned(v, inf=128)),
+         ["--preset", "vit_synthetic", "--weights", "{tmp}/inf.safetensors"], 1,
+         ("{tmp}/inf.safetensors", "norm.bias holds 0 NaN and 128 infinite"), script="vit.py"),
 ]
+
+
+def edited(w, name, key, change):  # vit.py's rows (called when a row runs)
+    """The rows' tiny backbone saved as {tmp}/<name>.safetensors, with tensor `key` replaced by change(a copy)."""
+    from safetensors.torch import load_file
+    sd = load_file(w.bb)
+    save_file({**sd, key: change(sd[key].clone()).contiguous()}, w.tmp / f"{name}.safetensors")
+
+
+def poisoned(v, nan=0, inf=0):
+    """v with its first `nan` values NaN and the next `inf` infinite."""
+    v.view(-1)[:nan], v.view(-1)[nan:nan + inf] = float("nan"), float("inf")
+    return v
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

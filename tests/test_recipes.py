@@ -108,18 +108,18 @@ def test_label_smoothing_mixup_cutmix_and_drop_path_change_training_and_nothing_
 
 
 def test_drop_path_on_is_active_in_the_frozen_backbone_and_restored_after():
-    model = fewshot.METHODS["vpt"](backbone(), num_classes=4, num_prompts=2).train()
+    model = fewshot.METHODS["vpt"](backbone(), num_classes=4, num_prompts=2).eval()  # no prompt dropout draws
     x = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        base = model(x)
+    with torch.no_grad():  # features: the head starts at zero
+        base = model.features(x)
         restore = fewshot.drop_path_on(model, 0.5)
         rates = [blk.drop_path for blk in model.vit.blocks]
-        dropped = [model(x) for _ in range(3)]
+        dropped = [model.features(x) for _ in range(3)]
         restore()
-        after = model(x)
+        after = model.features(x)
     assert rates == [0.0, 0.5] and any(not torch.allclose(d, base) for d in dropped)
     assert torch.equal(after, base) and all(not blk.training and blk.drop_path == 0 for blk in model.vit.blocks)
-    assert fewshot.drop_path_on(model, 0.0)() is None and torch.equal(model(x).detach(), base)
+    assert fewshot.drop_path_on(model, 0.0)() is None and torch.equal(model.features(x).detach(), base)
 
 
 def test_head_inits():
