@@ -416,7 +416,7 @@ def check_references(methods, task, backbone, template, cfg, device, tol):
         if kind in seen:
             continue
         seen.add(kind)
-        ours = fewshot.METHODS[name](copy.deepcopy(backbone), task.num_classes, cfg).to(device).eval()
+        ours = fewshot.build(name, copy.deepcopy(backbone), task.num_classes, cfg).to(device).eval()
         ref, _ = ref_build(name, template, task.num_classes, cfg, device)
         ref.eval()
         with torch.no_grad():
@@ -446,7 +446,7 @@ def check_references(methods, task, backbone, template, cfg, device, tol):
         lines.append(f"reference check: ok  {kind}: max |ours - ref| = {diff:.1e}{extra}")
         if name == "lora":
             with torch.no_grad():  # a non-zero update must change the features, else the check proves nothing
-                if (b - fewshot.METHODS["linear"](copy.deepcopy(backbone), task.num_classes, cfg).to(device)
+                if (b - fewshot.build("linear", copy.deepcopy(backbone), task.num_classes, cfg).to(device)
                         .eval().features(x)).abs().max().item() < 1e-4:
                     sys.exit("reference check FAILED: lora: the LoRA update did not change the features")
     return lines

@@ -63,3 +63,13 @@ def randomize(model, std=0.1, seed=0):
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+def save_backbone(path, seed):
+    """A random vit_synthetic (seeded) saved as a timm-layout .safetensors file; returns the path."""
+    import vit
+    from safetensors.torch import save_file
+    torch.manual_seed(seed)
+    model = vit.vit_synthetic(num_classes=0)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path

@@ -12,22 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
 import fewshot
 import pvp_pretrain
 import vit
+from fixtures import save_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 ENV.pop("LOCAL_RANK", None)
-
-
-def save_backbone(path, seed):
-    torch.manual_seed(seed)
-    model = vit.vit_synthetic(num_classes=0)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-    return path
 
 
 @pytest.fixture(scope="module")

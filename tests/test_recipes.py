@@ -1,7 +1,6 @@
 """The papers' recipes (issue 14): each preset resolves to its table and explicit flags override it; what the
 recipes add to the loop (label smoothing, MixUp/CutMix, drop-path, the schedules, head inits, LoRA over the whole
 qkv, E2VPT's official pruning) changes training as it should, and nothing at all when off."""
-import copy
 import json
 import math
 

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import fewshot
 import pvp_pretrain
 import vit
-from fixtures import randomize
+from fixtures import randomize, save_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(img_size=32, patch_size=8, dim=32, depth=2, heads=4)
@@ -121,9 +120,7 @@ def micro(tmp_path, *extra):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in vit.vit_synthetic(num_classes=0).state_dict().items()}, d / "bb.safetensors")
+    save_backbone(d / "bb.safetensors", seed=0)
     return d
 
 
@@ -156,7 +153,6 @@ Bottleneck adapter after each MLP (Houlsby et al. 2019, arXiv 1902.00751, Sec. 2
     mlp'(x) = mlp(x) + up(relu(down(mlp(x))))      down: dim -> bottleneck, up: bottleneck -> dim, up = 0 at init
     trainable = depth * (2 * dim * bottleneck + bottleneck + dim) + (dim+1)*classes
 """
-import torch.nn as nn
 
 
 class Adapted(nn.Module):
