@@ -364,7 +364,7 @@ def method_options(name, cfg):
     takes = options_of(METHODS[name])
     if name == "pvp":
         return dict(checkpoint=cfg.pvp_init)
-    recipe = RECIPES.get(cfg.recipe, {}).get("options", ({}, ""))[0].get(name, {})
+    recipe = RECIPES.get(getattr(cfg, "recipe", None), {}).get("options", ({}, ""))[0].get(name, {})  # none in pretraining
     return {**takes, **{o: d for o, d in FLAGS.values() if o in takes}, **recipe,
             **{k: v for k, v in given_options(cfg).items() if k in takes}}
 

@@ -153,6 +153,7 @@ Bottleneck adapter after each MLP (Houlsby et al. 2019, arXiv 1902.00751, Sec. 2
     mlp'(x) = mlp(x) + up(relu(down(mlp(x))))      down: dim -> bottleneck, up: bottleneck -> dim, up = 0 at init
     trainable = depth * (2 * dim * bottleneck + bottleneck + dim) + (dim+1)*classes
 """
+import torch.nn as nn
 
 
 class Adapted(nn.Module):
