@@ -12,10 +12,9 @@ gradient); prune the lowest scores; rewind the surviving prompts and retrain (th
 fresh=True: the official code's fresh re-initialisation). Call order for a runner (fewshot.py):
     train -> scores = model.importance(batches, loss_fn) -> model.prune(token_frac, segment_frac, scores)
           -> model.rewind() -> a new optimizer -> train
-Choices (paper over code): masks are 0/1 buffers, not trained; segments are contiguous blocks of dim/R dims
-(the code tiles them: segment j = dims j, j+R, j+2R, ... via repeat(1, 48)); one mask pair for all layers (as
-the code). A pruned token is removed from the sequence in training and inference alike (the code keeps it as a
-zero vector, which still takes part in attention through LayerNorm's bias); pruned segments are zeros.
+Choices (paper over code): masks are 0/1 buffers, not trained; segments are contiguous blocks of dim/R dims (the
+code tiles them: segment j = dims j, j+R, ... via repeat(1, 48)); one mask pair for all layers (as the code). A
+pruned token leaves the sequence (the code keeps a zero vector, which still attends through LayerNorm's bias).
 
 Trained: visual prompts `prompts` (depth, P, dim); key-value prompts `kv_prompts` (depth, heads, T, head_dim),
 one tensor for K and V (shared_kv=False: `key_prompts` and `value_prompts`); a new linear head.
@@ -126,11 +125,9 @@ class E2VPT(nn.Module):
         the model's device) of |dL/d mask| with L = loss_fn(logits, labels), or of the signed gradient when
         signed=True. Per batch, of the batch-mean loss (batches of one image give the paper's E_x exactly). Eval
         mode (no dropout), as the code; the parameters' .grad is left untouched. Also stored as self.scores.
-        token_from: a token's score is the sum of its segments' ("segments", the default), or the gradient of its
-        own mask ("mask", the paper's and the code's). The token mask scales a whole prompt token, and the next
-        block's LayerNorm undoes a scale (its output is the same up to eps), while the token's own residual row is
-        dropped at the next layer: so dL/d(token mask) is LayerNorm-eps-sized noise, ~1e-4 against ~0.1 for the
-        segments on a random ViT (tests/test_recipes.py measures it), and "mask" orders tokens by that noise."""
+        token_from "segments": a token scores the sum of its segments' (default); "mask": its own mask's gradient
+        (paper, code), which is noise: the next LayerNorm undoes a scale of the whole token up to eps, and its own
+        row is dropped at the next layer (~1e-4 against ~0.1: python tests/bench_token_scores.py)."""
         masks, was_training = (self.token_mask, self.segment_mask), self.training
         totals, n = [torch.zeros_like(m) for m in masks], 0
         self.eval()
@@ -200,12 +197,10 @@ class E2VPT(nn.Module):
     @staticmethod
     def trainable_count(vit, num_classes, *, num_prompts, num_kv_prompts, segments, shared_kv, dropout):
         """The formula of the docstring: depth*P*dim + depth*T*dim (x2 when not shared) + (dim+1)*classes."""
-        L, D = len(vit.blocks), vit.dim
-        return L * num_prompts * D + L * num_kv_prompts * D * (1 if shared_kv else 2) + (D + 1) * num_classes
+        return len(vit.blocks) * vit.dim * (num_prompts + num_kv_prompts * (2 - shared_kv)) + (vit.dim + 1) * num_classes
 
     def _own(self, head):
-        """The method's tensors by name (the live ones), as in this module's state_dict: prompts, kv_prompts (or
-        key_prompts, value_prompts), token_mask, segment_mask, head.weight, head.bias."""
+        """The method's tensors by name (the live ones): prompts, kv (or key and value) prompts, masks, head."""
         return {k: v for k, v in self.state_dict(keep_vars=True).items()
                 if not k.startswith("vit.") and (head or not k.startswith("head."))}
 
@@ -215,8 +210,7 @@ class E2VPT(nn.Module):
 
     def load_module_state_dict(self, sd, head=True):
         """Copy `sd` into the method's tensors; every key must be there with its shape, or ValueError says which.
-        head=False leaves the head alone and ignores head.* entries of `sd`. The loaded prompts become the rewind
-        point."""
+        head=False leaves the head alone and ignores head.* entries of `sd`. Loaded prompts are the rewind point."""
         own = self._own(head)
         sd = {k: v for k, v in sd.items() if head or not k.startswith("head.")}
         problems = [f"missing {k}" for k in own if k not in sd]
@@ -242,8 +236,7 @@ if __name__ == "__main__":  # parameter counts on ViT-B/16 and a forward of a ti
     backbone = sum(p.numel() for p in base.parameters())
     for shared in (True, False):
         model = E2VPT(base, num_classes=100, num_prompts=10, num_kv_prompts=5, shared_kv=shared)
-        total = sum(p.numel() for p in model.trainable_parameters())
-        head = sum(p.numel() for p in model.head.parameters())
+        total, head = (sum(p.numel() for p in ps) for ps in (model.trainable_parameters(), model.head.parameters()))
         for label, n in (("without head", total - head), ("with a 100-class head", total)):
             print(f"e2vpt P=10 T=5 {'shared' if shared else 'separate':8s} K/V on ViT-B/16 {label:22s} trainable: "
                   f"{n:>9,} = {n / 1e6:.2f}M / {backbone / 1e6:.1f}M ({100 * n / backbone:.2f}%)")

@@ -1119,7 +1119,8 @@ def main(argv=None):
                     record = dict(key=key, method=m, row=label(m, identity["options"]), dataset=task.name,
                                   shots=k or "all", seed=s, identity=identity, backbone=backbone_name,
                                   weights=cfg.weights, pvp_init=cfg.pvp_init if m == "pvp" else None,
-                                  protocol=identity["protocol"], recipe=cfg.recipe, train_aug=task.train_aug,
+                                  protocol=identity["protocol"], recipe=cfg.recipe, mean=task.mean, std=task.std,
+                                  train_aug=task.train_aug,
                                   sizes=dict(train=len(task.train), val=len(task.val), test=len(task.test)),
                                   num_classes=task.num_classes, backbone_params=backbone_params, compiled=cfg.compile,
                                   device=str(device))

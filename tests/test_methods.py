@@ -191,8 +191,9 @@ def test_lora_adapts_only_its_slices():
     out, plain = layer(h).chunk(3, dim=-1), layer.base(h).chunk(3, dim=-1)
     assert torch.equal(out[1], plain[1])  # k untouched
     assert all((out[i] - plain[i]).abs().max() > 1e-3 for i in (0, 2))
-    assert layer.scale == 8 / 4  # alpha / r
-    torch.testing.assert_close(out[0], plain[0] + 2 * h @ layer.lora_A["q"].T @ layer.lora_B["q"].T)
+    assert layer.scale == 1.0  # alpha / r, alpha = rank by default
+    torch.testing.assert_close(out[0], plain[0] + h @ layer.lora_A["q"].T @ layer.lora_B["q"].T)
+    assert lora.LoRA(backbone(), num_classes=4, rank=4, alpha=8).vit.blocks[0].attn.qkv.scale == 2.0
 
 
 @pytest.mark.parametrize("method", ["lora", "lora-all"])
@@ -405,8 +406,8 @@ def test_signed_and_absolute_importance():
     model, x = with_random_head(build("e2vpt")), images(4)
     batches = [(x, torch.ones(4)), (x, -torch.ones(4))]
     loss_fn = lambda logits, sign: (logits.sum(1) * sign).mean()
-    one = model.importance(batches[:1], loss_fn, signed=True)
-    absolute, signed = model.importance(batches, loss_fn), model.importance(batches, loss_fn, signed=True)
+    one = model.importance(batches[:1], loss_fn, signed=True, token_from="mask")
+    absolute, signed = (model.importance(batches, loss_fn, signed=s, token_from="mask") for s in (False, True))
     for k in ("token", "segment"):
         assert signed[k].abs().max() < 1e-7 < one[k].abs().min()
         torch.testing.assert_close(absolute[k], one[k].abs())

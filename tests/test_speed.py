@@ -80,7 +80,7 @@ def test_evaluation_is_inference_only_with_lora_merged_and_pruned_prompts_out_of
     e2.vit.blocks[0].register_forward_pre_hook(lambda m, a: lengths.append((a[0].shape[1], torch.is_inference_mode_enabled())))
     fewshot.evaluate(e2, task.test, task, CPU)
     kept = int(e2.token_mask.sum())
-    assert 0 < kept < cfg.prompts and out["pruned"]
+    assert 0 < kept < fewshot.method_options("e2vpt", cfg)["num_prompts"] and out["pruned"]
     assert set(lengths) == {(1 + (task.img_size // 8) ** 2 + kept, True)}  # CLS + patches + the kept prompts only
     assert len(lengths) == -(-len(task.test) // 256)  # in batches of 256
 
