@@ -9,7 +9,7 @@ ViT: Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021, arXiv 2010.
 Parameter names are timm's, so a timm state dict loads as it is; `load_pretrained` also converts Google's
 `.npz` (the ImageNet-21k ViT-B/16 of VPT, E2VPT and PVP) and torchvision's `vit_b_16` layout.
 
-How a method attaches (vpt.py, e2vpt.py, lora.py wrap this model and never copy it; nor need new ones):
+How a method attaches (vpt.py, e2vpt.py, lora.py wrap this model and never copy it, nor any part of it):
   - the loop: vit.embed(images) -> tokens, `for blk in vit.blocks: x = blk(x)`, vit.norm, vit.head, which a
     method writes out itself to add tokens between blocks (VPT's prompts); the last block takes cls_only=True,
     as only its CLS row is read after it (`ViT.features`);
@@ -209,10 +209,11 @@ def download(name):
     url, prefix = PRETRAINED[name]["url"], PRETRAINED[name]["md5_prefix"]
     path = CACHE / url.rsplit("/", 1)[1]
     if path.exists():
-        if prefix and not (md5 := md5_of(path)).startswith(prefix):
-            raise CheckpointError(f"{path}: md5 {md5} does not start with {prefix}, the published checksum of {name}: "
-                                  "a damaged or different file. Delete it to download it again, or pass it as "
-                                  "--weights PATH to use it unchecked")
+        with suppress(OSError):  # a folder or a file it may not read: read_checkpoint says so
+            if prefix and not (md5 := md5_of(path)).startswith(prefix):
+                raise CheckpointError(f"{path}: md5 {md5} does not start with {prefix}, the published checksum of "
+                                      f"{name}: a damaged or different file. Delete it to download it again, or pass "
+                                      "it as --weights PATH to use it unchecked")
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     part, md5 = path.with_suffix(f".{os.getpid()}.part"), hashlib.md5()

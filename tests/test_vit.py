@@ -331,6 +331,8 @@ def test_named_weight_placed_by_hand_is_checked_once(tmp_path, monkeypatch):
     os.utime(placed, ns=(1, 3_000_000_000))  # ... until the file changes: hashed again
     vit.load_pretrained(ours(SMALL, 7), "byhand", verbose=False)
     assert sidecar.read_text().endswith(md5)
+    placed.unlink(), sidecar.unlink(), placed.mkdir()  # a folder in its place: one line, no traceback
+    refused(ours(SMALL, 7), "byhand", f"no checkpoint file at {placed}")
 
 
 def test_unreachable_download_says_what_to_do(tmp_path, monkeypatch):
