@@ -46,12 +46,12 @@ class E2VPT(nn.Module):
     def __init__(self, vit, *, num_classes, num_prompts=10, num_kv_prompts=5, segments=16, shared_kv=True,
                  dropout=0.1):
         super().__init__()
-        if segments < 1 or vit.dim % segments:
-            raise ValueError(f"segments={segments} must divide the ViT's dim {vit.dim}")
+        if segments < 1 or vit.dim % segments or num_prompts < 1 or num_kv_prompts < 0:
+            raise ValueError(f"E2VPT needs num_prompts >= 1, num_kv_prompts >= 0 and segments dividing dim {vit.dim}; "
+                             f"got {num_prompts}, {num_kv_prompts}, segments={segments}")
         self.config = dict(num_prompts=num_prompts, num_kv_prompts=num_kv_prompts, segments=segments,
                            shared_kv=shared_kv, dropout=dropout)
-        self.vit = vit.requires_grad_(False).eval()
-        self.segments, self.shared_kv = segments, shared_kv
+        self.vit, self.segments, self.shared_kv = vit.requires_grad_(False).eval(), segments, shared_kv
         like = dict(device=vit.cls_token.device, dtype=vit.cls_token.dtype)
         depth, heads = len(vit.blocks), vit.blocks[0].attn.heads
         self.prompts = nn.Parameter(torch.empty(depth, num_prompts, vit.dim, **like))  # (L, P, D)

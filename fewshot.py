@@ -43,6 +43,7 @@ import inspect
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -347,8 +348,12 @@ def given_options(cfg):
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            value = text.split(",") if "," in text else text
-        need(out.get(name, value) == value, f"--opt {name} is given twice, as {out.get(name)!r} and {value!r}")
+            try:
+                value = float(text)  # nan, inf: a number, refused below as not finite
+            except ValueError:
+                value = text.split(",") if "," in text else text
+        need(repr(out.get(name, value)) == repr(value), f"--opt {name} is given twice, as {out.get(name)!r} and "
+             f"{value!r}")
         out[name] = value
     for flag, (name, _) in FLAGS.items():
         if getattr(cfg, flag) is not None:
@@ -356,6 +361,19 @@ def given_options(cfg):
                  f"{getattr(cfg, flag)} and --opt {name}={out.get(name)!r} disagree: give one")
             out[name] = getattr(cfg, flag)
     return out
+
+
+def check_type(method, name, value, default):
+    """An option's value of the kind its default is (bool, whole number, finite number, list): one UsageError."""
+    kinds = [(bool, lambda v: isinstance(v, bool), "True or False"),
+             (int, lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+             (float, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+              "a finite number"),
+             ((tuple, list), lambda v: isinstance(v, (tuple, list)), "a list, e.g. ('q','v')")]
+    for kind, ok, what in kinds:
+        if isinstance(default, kind):
+            need(ok(value), f"{method}'s option {name} is {what} (its default is {default!r}), got {value!r}")
+            return
 
 
 def method_options(name, cfg):
@@ -744,15 +762,15 @@ def embedded_pvp(backbone):
 # what makes a run: its identity, its key, its label
 
 
-def run_identity(name, task, cfg, backbone_hash, module=None):
+def run_identity(name, task, cfg, backbone_hash, options):
     """Everything that determines a run's numbers, as JSON: the method and its resolved options (for pvp: the module
-    type, options and content hash), the data (name, resolved root, fingerprint of the files or pixels read), the
+    type, options and content hash; else the options as its constructor resolved them), the data (name, resolved root, fingerprint of the files or pixels read), the
     task, shots and seed, the protocol with image size, normalisation and augmentation as resolved, and the
     backbone's weights by content. Paths are not part of it: a moved file is the same run, a replaced one is not."""
-    cls = METHODS[module["method"]] if module else METHODS[name]
+    cls = METHODS[options["method"]] if name == "pvp" else METHODS[name]
     protocol = {k: getattr(cfg, k) for k in PROTOCOL if k not in PRUNING or prunes(cls)}
     m = task.meta
-    return dict(method=name, options=module or method_options(name, cfg), data=dict(
+    return dict(method=name, options=options, data=dict(
         dataset=task.name, root=m.get("root") and str(Path(m["root"]).resolve()), fingerprint=m["fingerprint"]),
         shots=m["shots"] or "all", seed=m["seed"], protocol=protocol | dict(
             img_size=task.img_size, mean=task.mean, std=task.std, aug=task.train_aug), backbone=backbone_hash)
@@ -899,6 +917,8 @@ def check_device(flag, name):
         raise UsageError(f"{flag} {name}: not a torch device; use auto, cpu, cuda, cuda:<n> or mps") from None
     need(device.type in ("cpu", "cuda", "mps"), f"{flag} {name}: nanoPETL runs on cpu, cuda or mps, not "
          f"{device.type}; use auto, cpu, cuda, cuda:<n> or mps")
+    need(device.type == "cuda" or device.index is None, f"{flag} {name}: only CUDA devices are numbered; use "
+         f"{device.type}")
     for kind, there in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())):
         need(device.type != kind or there, f"{flag} {name}: no {kind.upper()} here; use cpu or auto")
     need(device.type != "cuda" or (device.index or 0) < torch.cuda.device_count(), f"{flag} {name}: this machine has "
@@ -910,13 +930,17 @@ def check_environment():
     """The environment variables nanoPETL reads, checked before any work: one UsageError each."""
     data.max_gb()  # NANOPETL_MAX_GB: data.py reads and checks its own
     cache = os.environ.get("NANOPETL_CACHE")
-    need(not cache or not Path(cache).exists() or Path(cache).is_dir(), f"NANOPETL_CACHE={cache} is a file: it must "
-         "name the folder for downloaded weights; unset it or point it at a folder")
+    need(not cache or not any(p.exists() and not p.is_dir() for p in (Path(cache), *Path(cache).parents)),
+         f"NANOPETL_CACHE={cache} is, or lies under, a file: it must name the folder for downloaded weights; unset it "
+         "or point it at a folder")
     if "LOCAL_RANK" in os.environ:  # torchrun sets all of these; a stray LOCAL_RANK alone would hang in init
-        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-        need(not missing and os.environ["LOCAL_RANK"].isdigit(), f"LOCAL_RANK={os.environ['LOCAL_RANK']} is set, "
-             f"but {', '.join(missing) or 'it is not a number'} {'is' if len(missing) == 1 else 'are'} not: run under "
-             "torchrun, or unset LOCAL_RANK")
+        torchrun = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        missing = [k for k in torchrun if k not in os.environ]
+        bad = [k for k in torchrun if k != "MASTER_ADDR" and not os.environ.get(k, "0").isdigit()]
+        need(not missing, f"LOCAL_RANK={os.environ['LOCAL_RANK']} is set, but {', '.join(missing)} "
+             f"{'is' if len(missing) == 1 else 'are'} not: run under torchrun, or unset LOCAL_RANK")
+        need(not bad, f"{', '.join(f'{k}={os.environ[k]}' for k in bad)}: torchrun's variables are whole numbers; "
+             "run under torchrun, or unset them")
 
 
 def init_distributed(device):
@@ -935,16 +959,20 @@ MAX_SEED, MAX_IMG = 2**32 - 1, 1024  # seeds feed torch generators; past 1024 px
 
 def check(cfg):
     """Refuse what cannot work before any time is spent: one UsageError naming the flag and what to do.
-    Returns (methods, shots, seeds)."""
-    def listed(flag, text, kind, ok, what):  # a comma list of `kind`, each ok(value)
+    Returns (methods, shots, seeds, {method: its options as resolved})."""
+    def listed(flag, text, kind, ok, what):  # a comma list of `kind`, each ok(value), none twice
         try:
-            values = [kind(v) for v in text.split(",")]
+            values = [kind(v) if kind is not int or re.fullmatch(r"-?[0-9]+", v.strip()) else None
+                      for v in text.split(",")]
         except ValueError:
             values = []
-        need(values and all(map(ok, values)), f"{flag} must be {what}, got {text!r}")
+        need(values and None not in values and all(map(ok, values)), f"{flag} must be {what}, got {text!r}")
+        need(len(set(values)) == len(values), f"{flag} {text} names a value twice: give each once")
         return values
 
-    methods = list(METHODS) if cfg.method == "all" else cfg.method.split(",")
+    methods = list(METHODS) if cfg.method.strip() == "all" else [m.strip() for m in cfg.method.split(",")]
+    need(all(methods), f"--method {cfg.method!r} has an empty name: a comma list of names, e.g. linear,vpt")
+    need("all" not in methods, f"--method {cfg.method}: 'all' stands alone (it means every method)")
     unknown = [m for m in methods if m not in METHODS]
     need(not unknown, f"unknown method {', '.join(unknown)}: choose from {', '.join(METHODS)}, or all")
     need(len(set(methods)) == len(methods), f"--method {cfg.method} names a method twice")
@@ -968,7 +996,8 @@ def check(cfg):
             ("--kv-prompts", cfg.kv_prompts is None or cfg.kv_prompts >= 0, "at least 0"),
             ("--rank", cfg.rank is None or cfg.rank >= 1, "at least 1"),
             ("--img-size", cfg.img_size is None or 1 <= cfg.img_size <= MAX_IMG, f"from 1 to {MAX_IMG}"),
-            ("--warmup-lr", cfg.warmup_lr is None or 0 <= cfg.warmup_lr <= lr_max, "a number >= 0"),
+            ("--warmup-lr", cfg.warmup_lr is None or 0 <= cfg.warmup_lr <= cfg.lr, f"a number from 0 to --lr "
+                                                                                   f"({cfg.lr:g})"),
             ("--min-lr", 0 <= cfg.min_lr <= cfg.lr, f"a number from 0 to --lr ({cfg.lr:g})"),
             ("--label-smoothing", 0 <= cfg.label_smoothing < 1, "a fraction in [0, 1)"),
             ("--mixup", 0 <= cfg.mixup <= 100, "an alpha >= 0 (0: off)"), ("--cutmix", 0 <= cfg.cutmix <= 100,
@@ -1021,7 +1050,7 @@ def check(cfg):
          "make one with python pvp_pretrain.py --weights <this backbone> --out <path>")
     need("pvp" not in methods or cfg.pvp_init or cfg.weights is None, "--method pvp with --weights needs --pvp-init: a "
          "module checkpoint pre-trained on that backbone (python pvp_pretrain.py --weights ...)")
-    check_options(cfg, methods, arch)
+    configs = check_options(cfg, methods, arch)
     # the device and the environment
     device = check_device("--device", cfg.device)
     need(not cfg.amp or device.type == "cuda", f"--amp is bf16 autocast on CUDA, and this run is on {device.type}: "
@@ -1037,7 +1066,7 @@ def check(cfg):
     need(os.access(out, os.W_OK), f"--out {out}: cannot write in that folder: give one you can write to")
     need(not results.exists() or results.is_file(), f"{results} is not a regular file (a re-run reads it whole): "
          "move it away, or give another --out")
-    return methods, shots, seeds
+    return methods, shots, seeds, configs
 
 
 def check_options(cfg, methods, arch):
@@ -1055,19 +1084,25 @@ def check_options(cfg, methods, arch):
             "with like (drop the flag, or pre-train a module with it: pvp_pretrain.py)")
         takers = {k: ms + ["pvp"] * (k in meta["config"]) for k, ms in takers.items()}
     for k, ms in takers.items():
-        flag = next((f"--{f.replace('_', '-')}" for f, (o, _) in FLAGS.items() if o == k), f"--opt {k}")
+        flag = next((f"--{f.replace('_', '-')}" for f, (o, _) in FLAGS.items() if o == k and getattr(cfg, f) is not
+                     None), f"--opt {k}")
         if not ms and flag.startswith("--opt"):
             raise UsageError(f"{flag}: none of --method {','.join(methods)} takes it; " + "; ".join(
                 f"{m} takes {', '.join(options_of(METHODS[m])) or 'no options'}" for m in builders))
-        if not ms:
+        if not ms:  # a named option (--prompts, --rank, ...) set once for many sweeps: a warning
             print(f"warning: {flag} is ignored: none of --method {','.join(methods)} takes {k}", file=sys.stderr)
+    for m in builders:
+        for k, v in method_options(m, cfg).items():
+            check_type(m, k, v, options_of(METHODS[m])[k])
+    configs = {}
     with torch.device("meta"):  # no memory, no weights: the constructors check their own arguments
         skeleton = vitlib.PRESETS[arch](num_classes=0, **({"img_size": cfg.img_size} if cfg.img_size else {}))
         for m in builders:
             try:
-                METHODS[m](copy.deepcopy(skeleton), num_classes=2, **method_options(m, cfg))
+                configs[m] = METHODS[m](copy.deepcopy(skeleton), num_classes=2, **method_options(m, cfg)).config
             except (TypeError, ValueError) as e:
                 raise UsageError(f"--method {m}: {e}; change the option (--opt NAME=VALUE or its flag)") from None
+    return configs  # as the constructors resolve them (defaults filled in): what a run's key holds
 
 # -----------------------------------------------------------------------------
 # the sweep
@@ -1075,7 +1110,7 @@ def check_options(cfg, methods, arch):
 
 def main(argv=None):
     cfg = parse(argv)
-    methods, shots, seeds = check(cfg)
+    methods, shots, seeds, configs = check(cfg)
     rank, world, device = init_distributed(cfg.device)  # under torchrun each rank takes every world-th run
     out = Path(cfg.out)  # check() made it
     backbone, backbone_name = load_backbone(cfg.weights, cfg.arch, cfg.img_size)
@@ -1103,7 +1138,7 @@ def main(argv=None):
             for task in tasks:
                 task.train_aug = cfg.aug or task.train_aug
                 for m in methods:
-                    identity = run_identity(m, task, cfg, backbone_hash, module if m == "pvp" else None)
+                    identity = run_identity(m, task, cfg, backbone_hash, module if m == "pvp" else configs[m])
                     key, n = run_key(identity), n + 1
                     planned.append(key)
                     if key in done or n % world != rank:

@@ -46,7 +46,6 @@ import vit as vitlib
 need = fewshot.need
 BACKBONE = dict(per_class=128, epochs=2, lr=1e-3, wd=0.05, batch=128)  # ~98k image-steps, a few minutes on 2 cores
 PVP = dict(per_class=64, epochs=3, lr=5e-3, wd=1e-4, batch=128)  # ~37k image-steps
-PRETRAINABLE = [m for m in fewshot.METHODS if m != "pvp"]  # which of them can be: checked in check()
 
 # -----------------------------------------------------------------------------
 # pre-training: the backbone (embedded world only) and the modules, both through fewshot.train
@@ -182,8 +181,9 @@ def built_meanwhile(path, before, args, backbone):
 def parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", action="store_true", help="train the embedded backbone from scratch instead of a module")
-    ap.add_argument("--method", default="vpt", help=f"the module to pre-train: {', '.join(PRETRAINABLE)} "
-                                                    "(default: vpt, deep)")
+    ap.add_argument("--method", default="vpt", help="the module to pre-train: a method of fewshot.METHODS with a "
+                                                    "module beside a frozen backbone, e.g. vpt (default: deep), "
+                                                    "vpt-shallow, e2vpt, lora")
     ap.add_argument("--opt", action="append", metavar="NAME=VALUE", help="an option of the method's constructor "
                                                                          "(repeat for more), as in fewshot.py")
     ap.add_argument("--prompts", type=int, default=None, help="prompt tokens per layer (vpt, e2vpt; default 10)")
@@ -223,14 +223,14 @@ def parse(argv):
 def check(args):
     """Refuse flags that cannot work before any time is spent: one fewshot.UsageError naming the flag."""
     need(not (args.backbone and args.weights), "--backbone trains the embedded ViT from scratch; it takes no --weights")
-    need(args.method in PRETRAINABLE, f"--method {args.method}: not a method to pre-train; choose one of "
-         f"{', '.join(PRETRAINABLE)}")
+    need(args.method in fewshot.METHODS and args.method != "pvp", f"--method {args.method}: not a method to pre-train;"
+         f" choose one of {', '.join(pretrainable(args))}")
     for flag in ("epochs", "batch", "per_class"):
         need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     for flag, low in (("prompts", 1), ("rank", 1), ("kv_prompts", 0)):
         need(getattr(args, flag) is None or getattr(args, flag) >= low,
              f"--{flag.replace('_', '-')} must be at least {low}, got {getattr(args, flag)}")
-    need(0 < args.lr and math.isfinite(args.lr), f"--lr must be a positive number, got {args.lr}")
+    need(0 < args.lr <= 1e4, f"--lr must be a positive number, at most 10000, got {args.lr}")
     need(args.wd >= 0 and math.isfinite(args.wd), f"--wd must be a number >= 0, got {args.wd}")
     need(0 <= args.warmup <= 1, f"--warmup must be a fraction in [0, 1], got {args.warmup}")
     need(0 <= args.seed <= fewshot.MAX_SEED, f"--seed must be a whole number from 0 to {fewshot.MAX_SEED}, got {args.seed}")
@@ -277,6 +277,16 @@ def config_of(args, check_module=False):
          f"pre-trains a module beside a frozen backbone, and {args.method} " +
          ("trains the backbone" if own else "has only a head"))
     return model.config
+
+
+def pretrainable(args):
+    """The registered methods PVP can pre-train: a module beside a frozen backbone (config_of's check)."""
+    def ok(m):
+        try:
+            return config_of(argparse.Namespace(**{**vars(args), "method": m, "opt": None}), check_module=True) or True
+        except fewshot.UsageError:
+            return False
+    return [m for m in fewshot.METHODS if m != "pvp" and ok(m)]
 
 
 def check_writable(out):
