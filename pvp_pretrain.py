@@ -14,11 +14,14 @@ The checkpoint is a .safetensors file (loading it runs no code) whose header rec
 the backbone's name and weight hash (fewshot.py refuses a checkpoint made on another backbone), the source, the
 epochs and the final source accuracy. A resume file is written atomically after every epoch: --resume goes on.
 
-The embedded backbone (the stand-in for the ImageNet-21k ViT-B/16) is trained here too, from scratch:
-    python pvp_pretrain.py --backbone                 # -> checkpoints/vit_synthetic.safetensors, seeded
+The embedded backbone (the stand-in for the ImageNet-21k ViT-B/16) is trained here too, from scratch, and shipped:
+assets/vit_synthetic.safetensors was made by the first command below (its header records the command with every
+recipe value, the source accuracy and the weight hash; assets/vit_synthetic.log is its log).
+    python pvp_pretrain.py --backbone                 # -> checkpoints/vit_synthetic.safetensors, seeded (BACKBONE)
     python pvp_pretrain.py                            # -> checkpoints/pvp_vpt_vit_synthetic.safetensors
     torchrun --nproc_per_node=8 pvp_pretrain.py --weights vit_b16_in21k --data imagenet --data-root /data/imagenet
-fewshot.py runs the first two by itself when their files are missing.
+fewshot.py loads the shipped backbone (it builds one only if that file is gone) and runs the second command by
+itself when its file is missing.
 """
 import argparse
 import hashlib
@@ -42,8 +45,11 @@ import vit as vitlib
 import vpt
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"  # git-ignored
+SHIPPED = Path(__file__).resolve().parent / "assets" / "vit_synthetic.safetensors"  # the embedded backbone, in git
 MODULES = {"vpt": vpt.VPT, "vpt-shallow": vpt.VPT, "e2vpt": e2vpt.E2VPT, "lora": lora.LoRA}
-BACKBONE = dict(per_class=128, epochs=2, lr=1e-3, wd=0.05, batch=128)  # ~98k image-steps, a few minutes on 2 cores
+BACKBONE = dict(per_class=512, epochs=2, lr=1e-3, wd=0.05, batch=64)  # 393k image-steps: assets/vit_synthetic.*
+BACKBONE_RECIPE = ("per_class", "epochs", "lr", "wd", "batch", "warmup", "optimizer", "seed")  # what its header records
+BACKBONE_MINUTES = "about 25 minutes"  # 1,519 s with other jobs on the cores (assets/vit_synthetic.log)
 PVP = dict(per_class=64, epochs=3, lr=5e-3, wd=1e-4, batch=128)  # ~37k image-steps
 
 # -----------------------------------------------------------------------------
@@ -154,9 +160,12 @@ def pretrain(args, backbone=None, backbone_name="vit_synthetic"):
                   start_epoch=start, opt_state=opt_state, on_epoch=on_epoch, distributed=True)
     acc = fewshot.evaluate(model, task.val, task, device)
     if rank == 0:
-        if args.backbone:
-            sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-            meta = dict(preset="vit_synthetic", source=task.meta, epochs=args.epochs, source_top1=acc)
+        if args.backbone:  # the header tells its whole story: the command that rebuilds it, its accuracy, its hash
+            sd = {k: v.contiguous() for k, v in model.cpu().state_dict().items()}
+            meta = dict(preset="vit_synthetic", source=task.meta, epochs=args.epochs, source_top1=round(acc, 2),
+                        weights_hash=weights_hash(model), command=backbone_command(args),
+                        recipe={k: getattr(args, k) for k in BACKBONE_RECIPE}, seconds=round(time.time() - t0),
+                        torch=torch.__version__, device=str(device))
             atomic(lambda p: save_file(sd, p, metadata={"nanopetl": json.dumps(meta)}), args.out)
         else:
             save_module(model, args.out, dict(
@@ -180,13 +189,34 @@ def module_config(args):
 # what fewshot.py calls when the embedded pieces are missing
 
 
+def backbone_header(path):
+    """The JSON header of an embedded backbone file (its recipe, command, source accuracy and weight hash)."""
+    with safe_open(path, "pt") as f:
+        return json.loads((f.metadata() or {}).get("nanopetl", "{}"))
+
+
+def backbone_command(args):
+    """The command that rebuilds this backbone, every recipe value spelled out (defaults may change; this may not)."""
+    return "python pvp_pretrain.py --backbone " + " ".join(
+        f"--{k.replace('_', '-')} {getattr(args, k):g}" if isinstance(getattr(args, k), float) else
+        f"--{k.replace('_', '-')} {getattr(args, k)}" for k in BACKBONE_RECIPE)
+
+
 def embedded_backbone():
-    path = CHECKPOINTS / "vit_synthetic.safetensors"
+    """The shipped embedded backbone (SHIPPED, checked against the weight hash in its header); if that file is gone,
+    one built here by `pvp_pretrain.py --backbone` and cached under checkpoints/."""
+    path = SHIPPED if SHIPPED.exists() else CHECKPOINTS / "vit_synthetic.safetensors"
     if not path.exists():
-        print("building the embedded backbone once: vit_synthetic trained from scratch on the synthetic backbone "
-              f"source (about 3-4 minutes on a 2-core CPU); cached at {path}")
+        print(f"{SHIPPED} is missing (git checkout -- {SHIPPED.relative_to(SHIPPED.parents[1])} restores it): building "
+              f"the embedded backbone once with its recipe, {BACKBONE_MINUTES} on a 2-core CPU; cached at {path}")
         pretrain(parse(["--backbone", "--out", str(path)]))
-    return vitlib.load_pretrained(vitlib.vit_synthetic(num_classes=0), path, verbose=False).eval()
+    model = vitlib.load_pretrained(vitlib.vit_synthetic(num_classes=0), path, verbose=False).eval()
+    recorded = backbone_header(path).get("weights_hash")
+    if recorded and recorded != weights_hash(model):
+        raise vitlib.CheckpointError(f"{path}: its weights hash to {weights_hash(model)}, not to the {recorded} its "
+                                     "header records (damaged?): restore it (git checkout) or rebuild it with "
+                                     "python pvp_pretrain.py --backbone")
+    return model
 
 
 def embedded_pvp(backbone):

@@ -242,6 +242,7 @@ def test_embedded_backbone_and_pvp_are_built_once_then_reused(tmp_path, monkeypa
     """The main job's path with no --weights and no --pvp-init, at a micro budget: both pieces are built, cached,
     and the next run reuses them."""
     monkeypatch.setattr(pvp_pretrain, "CHECKPOINTS", tmp_path / "checkpoints")
+    monkeypatch.setattr(pvp_pretrain, "SHIPPED", tmp_path / "not-shipped.safetensors")  # the path without assets/
     monkeypatch.setattr(pvp_pretrain, "BACKBONE", dict(per_class=2, epochs=1, lr=1e-3, wd=0.05, batch=128))
     monkeypatch.setattr(pvp_pretrain, "PVP", dict(per_class=2, epochs=1, lr=5e-3, wd=1e-4, batch=128))
     argv = ["--method", "pvp", "--shots", "1", "--seeds", "0", "--data", "synthetic:shape", "--epochs", "1",
