@@ -715,9 +715,16 @@ def search_task(cfg, task, shots, seed, backbone):
 
 def load_backbone(weights, arch="vit_base_patch16", img_size=None):
     """(ViT without head, its name): `weights` (a PRETRAINED name or a path), or with None the embedded backbone."""
-    if weights is None:
-        return vitlib.load_pretrained(vitlib.vit_synthetic(num_classes=0), embedded_backbone(), verbose=False).eval(), \
-            "vit_synthetic"
+    if weights is None:  # checked against the weight hash its header records: a damaged file is refused
+        path = embedded_backbone()
+        model = vitlib.load_pretrained(vitlib.vit_synthetic(num_classes=0), path, verbose=False).eval()
+        with safe_open(path, "pt") as f:
+            recorded = json.loads((f.metadata() or {}).get("nanopetl", "{}")).get("weights_hash")
+        if recorded not in (None, weights_hash(model)):
+            raise vitlib.CheckpointError(f"{path}: its weights hash to {weights_hash(model)}, not to the {recorded} its "
+                                         "header records (damaged?): restore it (git checkout), or rebuild it with "
+                                         "python pvp_pretrain.py --backbone")
+        return model, "vit_synthetic"
     arch = vitlib.PRETRAINED.get(weights, {}).get("preset", arch)
     model = vitlib.PRESETS[arch](num_classes=0, **({"img_size": img_size} if img_size else {}))
     return vitlib.load_pretrained(model, weights).eval(), f"{arch}:{Path(weights).name}"
@@ -735,11 +742,13 @@ def pretrain_once(path, argv, what):
 
 
 def embedded_backbone():
-    """The shipped embedded backbone, or one built by `pvp_pretrain.py --backbone` when the shipped file is gone."""
+    """The path of the shipped embedded backbone (assets/, made by `pvp_pretrain.py --backbone` with the recipe its
+    header records), or of one built by that command under checkpoints/ when the shipped file is gone."""
     if SHIPPED_BACKBONE.exists():
         return SHIPPED_BACKBONE
     path = CHECKPOINTS / "vit_synthetic.safetensors"
-    return path if path.exists() else pretrain_once(path, ["--backbone", *EMBEDDED_BUILD], "the embedded backbone")
+    return path if path.exists() else pretrain_once(path, ["--backbone", *EMBEDDED_BUILD], "the embedded backbone "
+                                                    f"({SHIPPED_BACKBONE} is gone; git checkout restores it)")
 
 
 EMBEDDED_BUILD = []  # extra pvp_pretrain.py flags for the embedded builds (the tests shrink them)

@@ -18,12 +18,15 @@ recipe and the final source accuracy. A resume file (<out>.resume) is written at
 records the recipe: --resume goes on only with the run that wrote it. Two processes building one --out take turns
 (a lock beside it): the second reuses what the first built when the recipe is the same.
 
-The embedded backbone (the stand-in for the ImageNet-21k ViT-B/16) is trained here too, from scratch:
-    python pvp_pretrain.py --backbone                 # -> checkpoints/vit_synthetic.safetensors, seeded
+The embedded backbone (the stand-in for the ImageNet-21k ViT-B/16) is trained here too, from scratch, and shipped:
+assets/vit_synthetic.safetensors was made by the first command below (its header records the command with every
+recipe value, the source accuracy and the weight hash; assets/vit_synthetic.log is its log).
+    python pvp_pretrain.py --backbone                 # -> checkpoints/vit_synthetic.safetensors, seeded (BACKBONE)
     python pvp_pretrain.py                            # -> checkpoints/pvp_vpt_vit_synthetic.safetensors
     python pvp_pretrain.py --method lora --rank 4     # any registered method, with its options (--opt NAME=VALUE)
     torchrun --nproc_per_node=8 pvp_pretrain.py --weights vit_b16_in21k --data imagenet --data-root /data/imagenet
-fewshot.py runs the second by itself (as a command) when its file is missing.
+fewshot.py loads the shipped backbone (it runs the first command only if that file is gone) and runs the second by
+itself (as a command) when its file is missing.
 """
 import argparse
 import fcntl
@@ -44,7 +47,8 @@ import fewshot
 import vit as vitlib
 
 need = fewshot.need
-BACKBONE = dict(per_class=128, epochs=2, lr=1e-3, wd=0.05, batch=128)  # ~98k image-steps, a few minutes on 2 cores
+BACKBONE = dict(per_class=512, epochs=2, lr=1e-3, wd=0.05, batch=64)  # 393k image-steps: assets/vit_synthetic.*
+BACKBONE_RECIPE = ("per_class", "epochs", "lr", "wd", "batch", "warmup", "optimizer", "seed")  # what its header records
 PVP = dict(per_class=64, epochs=3, lr=5e-3, wd=1e-4, batch=128)  # ~37k image-steps
 
 # -----------------------------------------------------------------------------
@@ -61,6 +65,20 @@ def source_task(args, img_size):
                          dict(source=world.name, per_class=args.per_class))
     [task] = data.load_task(args.data, args.data_root, img_size=img_size, norm=args.norm)
     return task
+
+
+def backbone_command(args):
+    """The command that rebuilds this backbone, every recipe value spelled out (defaults may change; this may not)."""
+    return "python pvp_pretrain.py --backbone " + " ".join(
+        f"--{k.replace('_', '-')} {getattr(args, k):g}" if isinstance(getattr(args, k), float) else
+        f"--{k.replace('_', '-')} {getattr(args, k)}" for k in BACKBONE_RECIPE)
+
+
+def header(path):
+    """The nanoPETL JSON header of a .safetensors file: a backbone's recipe, command, accuracy and weight hash."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return json.loads((f.metadata() or {}).get("nanopetl", "{}"))
 
 
 def recipe(args, backbone_hash, config):
@@ -126,9 +144,11 @@ def pretrain(args, backbone=None, backbone_name="vit_synthetic"):
     if rank == 0:
         meta = dict(recipe=wanted, source=task.name, source_classes=task.num_classes, epochs=args.epochs,
                     source_top1=acc, seed=args.seed)
-        if args.backbone:
-            sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-            meta |= dict(preset="vit_synthetic", source_meta=task.meta)
+        if args.backbone:  # the header tells its whole story: the command that rebuilds it, its accuracy, its hash
+            sd = {k: v.contiguous() for k, v in model.cpu().state_dict().items()}
+            meta |= dict(preset="vit_synthetic", source=task.meta, source_top1=round(acc, 2), command=backbone_command(
+                args), weights_hash=fewshot.weights_hash(model), recipe={k: getattr(args, k) for k in BACKBONE_RECIPE},
+                seconds=round(time.time() - t0), torch=torch.__version__, device=str(device))
             fewshot.atomic(lambda p: save_file(sd, p, metadata={"nanopetl": json.dumps(meta)}), args.out)
         else:
             fewshot.save_module(model, args.out, meta | dict(method=args.method, config=model.config,
@@ -164,15 +184,13 @@ def built_meanwhile(path, before, args, backbone):
         return False
     if before is not None and (now.st_ino, now.st_mtime_ns) == (before.st_ino, before.st_mtime_ns):
         return False  # the file we were asked to rebuild
-    from safetensors import safe_open
     try:
-        with safe_open(path, "pt") as f:
-            theirs = json.loads((f.metadata() or {}).get("nanopetl", "{}")).get("recipe")
+        theirs = header(path).get("recipe")
     except Exception:
         return False
-    mine = recipe(args, fewshot.weights_hash(backbone) if backbone is not None else None,
-                  None if args.backbone else config_of(args))
-    return theirs == mine
+    if args.backbone:  # a backbone's header records its recipe values (BACKBONE_RECIPE)
+        return theirs == {k: getattr(args, k) for k in BACKBONE_RECIPE}
+    return theirs == recipe(args, fewshot.weights_hash(backbone) if backbone is not None else None, config_of(args))
 
 # -----------------------------------------------------------------------------
 # the command line
