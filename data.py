@@ -356,7 +356,10 @@ def _list(file, base, num_classes=None):
     return items
 
 def _torchvision_layout(name, root):
-    """The five few-shot datasets, read from the files torchvision's classes read (torchvision/datasets/{flowers102,oxford_iiit_pet,fgvc_aircraft,food101,stanford_cars}.py)."""
+    """The five few-shot datasets, read from the files torchvision's classes read (torchvision/datasets/{flowers102,
+    oxford_iiit_pet,fgvc_aircraft,food101,stanford_cars}.py), not through the classes: they keep their paths and
+    labels in private attributes (_image_files, _images, _labels, _samples), and the k-shot draw, the held-out val
+    and the run's fingerprint need both before any image is decoded. torchvision still downloads them (_read)."""
     from scipy.io import loadmat
     mat = lambda path, key: np.atleast_1d(loadmat(str(path), squeeze_me=True)[key])  # str: a Path hides "not found"
     if name == "flowers102":
@@ -681,8 +684,9 @@ def _say(line):  # once per process: a sweep loads the same splits for every sho
 # load_task: one entry point for every dataset
 
 def max_gb():
-    """NANOPETL_MAX_GB (default 8, inf for no limit): the GB of decoded uint8 images load_task may hold. A value that
-    is not a positive number is a DataError naming it (fewshot.check() calls this before any work)."""
+    """NANOPETL_MAX_GB (default 8, inf for no limit): the GB of decoded uint8 images load_task keeps in memory when
+    no cache_gb is given (--cache-gb); splits past it stream. A value that is not a positive number is a DataError
+    naming it (fewshot.check() calls this before any work)."""
     value = os.environ.get("NANOPETL_MAX_GB", "8")
     try:
         limit = float(value)

@@ -503,12 +503,12 @@ def train(model, split, task, cfg, device, *, seed, lr=None, desc="train", start
 
 def rng_state(device):
     """The global RNG states that a step draws from (dropout): the CPU's, and the device's on CUDA."""
-    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if torch.device(device).type == "cuda" else [])
 
 
 def set_rng_state(states, device):
     torch.set_rng_state(states[0])
-    if device.type == "cuda" and len(states) > 1:
+    if torch.device(device).type == "cuda" and len(states) > 1:
         torch.cuda.set_rng_state(states[1], device)
 
 

@@ -859,6 +859,10 @@ CASES = [
     Case("bad-image-in-a-stream", break_image("train/cat/0.jpg", "truncated"),
          fs(**IF, method="linear,vpt", shots="1,2", cache_gb="0", workers="1"), 1,
          ("cannot read image {data}/train/cat/0.jpg", "truncated", "replace it or drop it"), then=one_shot_runs_kept),
+    Case("shard-out-of-range", None, fs(shard="2/2"), 1, ("--shard 2/2", "0 <= i < n", "--shard 0/4")),
+    Case("workers-negative", None, fs(workers="-1"), 1, ("--workers must be 0", "got -1")),
+    Case("pretrain-save-every-negative", None, pp(save_every="-1"), 1, ("--save-every must be at least 0, got -1",),
+         script="pvp_pretrain.py"),
 ]
 
 
