@@ -20,15 +20,16 @@ recipe and the final source accuracy. A resume file (<out>.resume) is written at
 --save-every steps, with the position in the epoch (batches done, the order's generator, the RNG): a kill loses at
 most that many steps, and --resume goes on from there exactly as the uninterrupted run would have, mid-epoch and
 under torchrun too. It records the recipe: --resume goes on only with the run that wrote it. A source on disk larger
-than --cache-gb streams through DataLoader workers (--workers; data.Stream), in memory that does not grow with it. Two processes building one --out take turns
-(a lock beside it): the second reuses what the first built when the recipe is the same.
+than --cache-gb streams through DataLoader workers (--workers; data.Stream), in memory that does not grow with it.
+Two processes building one --out take turns (a lock beside it): the second reuses what the first built when the
+recipe is the same.
 
 The embedded backbone (the stand-in for the ImageNet-21k ViT-B/16) is trained here too, from scratch:
     python pvp_pretrain.py --backbone                 # -> checkpoints/vit_synthetic.safetensors, seeded
     python pvp_pretrain.py                            # -> checkpoints/pvp_vpt_vit_synthetic.safetensors
     python pvp_pretrain.py --method lora --rank 4     # any registered method, with its options (--opt NAME=VALUE)
     torchrun --nproc_per_node=8 pvp_pretrain.py --weights vit_b16_in21k --data imagenet --data-root /data/imagenet
-    ... --max-steps 200 --save-every 50                # a first look: 200 steps, a checkpoint every 50
+    (the same) --max-steps 200 --save-every 50        # a first look: 200 steps, a checkpoint every 50
 fewshot.py runs the second by itself (as a command) when its file is missing.
 """
 import argparse
@@ -52,9 +53,11 @@ import vit as vitlib
 need = fewshot.need
 BACKBONE = dict(per_class=128, epochs=2, lr=1e-3, wd=0.05, batch=128)  # ~98k image-steps, a few minutes on 2 cores
 PVP = dict(per_class=64, epochs=3, lr=5e-3, wd=1e-4, batch=128)  # ~37k image-steps
-# --data imagenet (ImageNet-1k, 1.28M images). PVP's paper gives no schedule, so this is ours, unmeasured at this
-# scale: 10 epochs (12.8M image-steps; a VPT-deep module of ~92k numbers, 1000 classes), the embedded recipe's lr,
-# wd and batch per rank (x8 GPUs: 1,024 per step, ~1,250 steps per epoch), and a checkpoint every 500 steps.
+# --data imagenet (ImageNet-1k, 1.28M images). PVP's paper gives no schedule, so this is ours, not yet run at this
+# scale: 10 epochs (12.8M image-steps, 350x the embedded recipe's; ~1e18 FLOPs at ~74 GFLOPs per frozen-backbone
+# VPT-deep step, under an hour on one 8-GPU node by the README's estimate) with the embedded recipe's lr, wd and
+# batch per rank (x8 GPUs: 1,024 per step, ~1,250 steps per epoch), a checkpoint every 500 steps (a kill loses
+# minutes), and its warmup of 5% (half an epoch). Check the choice on the source val top-1 it prints.
 IMAGENET = dict(epochs=10, lr=5e-3, wd=1e-4, batch=128, save_every=500)
 PRETRAINABLE = [m for m in fewshot.METHODS if m != "pvp"]  # which of them can be: checked in check()
 

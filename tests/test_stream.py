@@ -233,3 +233,19 @@ def test_a_shard_that_is_done_says_how_many_runs_are_missing(backbone, tmp_path,
     assert fewshot.main(argv) == 0
     assert [json.loads(line)["seed"] for line in (tmp_path / "results.jsonl").read_text().splitlines()] == [1]
     assert "1 of the 2 planned runs are not in" in capsys.readouterr().err
+
+
+def test_pretrain_max_steps_and_img_size(backbone, tmp_path, monkeypatch):
+    out, steps, sides = tmp_path / "m.safetensors", [], []
+    real = fewshot.batches
+
+    def batches(split, task, *a, **k):
+        for x, y in real(split, task, *a, **k):
+            sides.append(x.shape[-1])
+            yield x, y
+    monkeypatch.setattr(fewshot, "batches", batches)
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, real=torch.optim.AdamW.step: (
+        steps.append(1), real(self, *a))[1])
+    assert pvp_pretrain.main(pretrain_argv(backbone, out, "--max-steps", "3", "--img-size", "16")) == 0
+    meta = json.loads(__import__("safetensors").safe_open(out, "pt").metadata()["nanopetl"])
+    assert len(steps) == 3 and meta["max_steps"] == 3 and meta["recipe"]["img_size"] == 16 and set(sides) == {16}
