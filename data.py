@@ -92,7 +92,7 @@ class Task:
     num_classes: int
     train: Split  # the support set: `shots` per class, or the whole training split
     val: Split  # for model selection: never from test, never train's images (but see _vtab's "final" stage)
-    test: Split
+    test: Split  # each of the three a Stream instead when load_task streams it (past cache_gb)
     img_size: int  # the side the backbone sees; under crop_flip train is kept larger and augment() crops it
     mean: tuple
     std: tuple
