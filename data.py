@@ -34,6 +34,7 @@ bounded memory. load_task prints which split does what. The embedded world stays
 at thousands per second on one core, faster than any file could be read, and its pools are a few MB.
 """
 import argparse
+import ctypes
 import hashlib
 import itertools
 import json
@@ -643,7 +644,7 @@ class Stream(torch.utils.data.Dataset):
             self._loaders[batch, pin] = torch.utils.data.DataLoader(
                 self, batch_sampler=_Slices(batch), num_workers=self.workers, collate_fn=_collate, pin_memory=pin,
                 persistent_workers=self.workers > 0, prefetch_factor=2 if self.workers else None,
-                generator=torch.Generator())
+                generator=torch.Generator(), worker_init_fn=_worker_init)
         loader = self._loaders[batch, pin]
         loader.batch_sampler.order, loader.batch_sampler.skip = order, skip
         for item in loader:
@@ -664,9 +665,17 @@ class _Slices(torch.utils.data.Sampler):
     def __len__(self):
         return max(0, math.ceil(len(self.order) / self.batch) - self.skip)
 
-def _collate(items):  # [(image, label) or an error line] -> (images, labels), or the first error line
-    return next((x for x in items if isinstance(x, str)), None) or \
-        (torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long))
+def _collate(items):  # [(image, label) or an error line] -> [images, labels] (in shared memory in a worker), or
+    return next((x for x in items if isinstance(x, str)), None) or torch.utils.data.default_collate(items)  # the line
+
+def _worker_init(worker):
+    """In each loader worker: glibc's malloc raises its mmap threshold after a large buffer is freed, so later decode
+    buffers (5.8 MB for a 2-megapixel JPEG) come from the heap and fragment it, and a worker grew by ~100 MB over
+    2,400 such images (tests/bench_data.py); a fixed 1 MB threshold hands every large buffer back. Elsewhere: no-op."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 @lru_cache(maxsize=4)
 def _streamed(items, resize, side, interpolation, crop, workers):

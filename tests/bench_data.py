@@ -43,6 +43,7 @@ def main():
     ap.add_argument("--images", type=int, default=192, help="--stream: JPEGs read per loader measurement")
     ap.add_argument("--vit-batches", type=int, default=3, help="--stream: ViT-B/16 steps per measurement")
     ap.add_argument("--rss", default="300,3000", help="--stream: source sizes for the peak-memory pass")
+    ap.add_argument("--memory-only", action="store_true", help="--stream: only the peak-memory pass")
     ap.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)  # internal: FOLDER COUNT
     args = ap.parse_args()
     if args.rss_child:
@@ -125,91 +126,100 @@ def rate(fn, n):
 
 
 def stream(args):
+    torch.set_num_threads(1)
+    print(f"\nstreaming path, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs, one thread per process")
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.memory_only:
+            speed(args, tmp)
+        memory(args, tmp)
+
+
+def speed(args, tmp):
     from torch.utils.data import DataLoader
     from torchvision import datasets
     from torchvision.transforms import v2
     import fewshot
     import vit
     import vpt
-    torch.set_num_threads(1)
-    print(f"\nstreaming path, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
-          f"{os.cpu_count()} CPUs, one thread per process")
-    with tempfile.TemporaryDirectory() as tmp:
-        for size in ((500, 375), CAMERA):
-            files = photos(Path(tmp) / f"{size[0]}", 48, size)
-            transform = data.resize_crop("shorter", 256, data.BILINEAR, 224)
-            pil = rate(lambda: [pil_path(f) for f in files], len(files))
-            ours = rate(lambda: [transform(data.decode(f)) for f in files], len(files))
-            print(f"decode + resize + centre crop to 224, {size[0]}x{size[1]} JPEG, 1 thread: PIL path (before) "
-                  f"{pil:,.0f} img/s, decode + transforms.v2 (now) {ours:,.0f} img/s, x{ours / pil:.2f}")
+    for size in ((500, 375), CAMERA):
+        files = photos(Path(tmp) / f"{size[0]}", 48, size)
+        transform = data.resize_crop("shorter", 256, data.BILINEAR, 224)
+        pil = rate(lambda: [pil_path(f) for f in files], len(files))
+        ours = rate(lambda: [transform(data.decode(f)) for f in files], len(files))
+        print(f"decode + resize + centre crop to 224, {size[0]}x{size[1]} JPEG, 1 thread: PIL path (before) "
+              f"{pil:,.0f} img/s, decode + transforms.v2 (now) {ours:,.0f} img/s, x{ours / pil:.2f}")
 
-        root = Path(tmp) / "src"
-        photos(root, args.images, (500, 375))
-        items = [(f, int(f.parent.name[1:])) for f in sorted((root / "train").rglob("*.jpg"))]
-        ref_set = datasets.ImageFolder(str(root / "train"), transform=v2.Compose([
-            v2.PILToTensor(), v2.Resize(256, antialias=True), v2.CenterCrop(224)]))
-        task = data.Task("bench", 4, None, None, None, 224, *data.NORMS["imagenet"], "crop_flip")
-        model = vpt.VPT(vit.vit_base_patch16(num_classes=0), num_classes=4, num_prompts=10, deep=True)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        rows = []
-        for workers in (0, 1, 2):
-            ours = data.Stream(items, "shorter", 256, data.BILINEAR, 256, workers)  # the training squares
-            reference = DataLoader(ref_set, batch_size=32, shuffle=True, num_workers=workers,
-                                   persistent_workers=workers > 0)
+    root = Path(tmp) / "src"
+    photos(root, args.images, (500, 375))
+    items = [(f, int(f.parent.name[1:])) for f in sorted((root / "train").rglob("*.jpg"))]
+    ref_set = datasets.ImageFolder(str(root / "train"), transform=v2.Compose([
+        v2.PILToTensor(), v2.Resize(256, antialias=True), v2.CenterCrop(224)]))
+    task = data.Task("bench", 4, None, None, None, 224, *data.NORMS["imagenet"], "crop_flip")
+    model = vpt.VPT(vit.vit_base_patch16(num_classes=0), num_classes=4, num_prompts=10, deep=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    rows = []
+    for workers in (0, 1, 2):
+        ours = data.Stream(items, "shorter", 256, data.BILINEAR, 256, workers)  # the training squares
+        reference = DataLoader(ref_set, batch_size=32, shuffle=True, num_workers=workers,
+                               persistent_workers=workers > 0)
 
-            def ours_pass(limit=None, step=None):
-                g, n = torch.Generator().manual_seed(0), 0
-                for x, y in fewshot.batches(ours, task, torch.device("cpu"), 32 if step is None else 8, train=True,
-                                            generator=g):
-                    n += len(y)
-                    if step:
-                        step(x, y)
-                    if limit and n >= limit:
-                        break
-                return n
+        def ours_pass(limit=None, step=None):
+            g, n = torch.Generator().manual_seed(0), 0
+            for x, y in fewshot.batches(ours, task, torch.device("cpu"), 32 if step is None else 8, train=True,
+                                        generator=g):
+                n += len(y)
+                if step:
+                    step(x, y)
+                if limit and n >= limit:
+                    break
+            return n
 
-            def ref_pass():  # normalised in this process as fewshot.batches does; no random crop + flip
-                return sum(len(data.normalize(x, *data.NORMS["imagenet"])) for x, _ in reference)
+        def ref_pass():  # normalised in this process as fewshot.batches does; no random crop + flip
+            return sum(len(data.normalize(x, *data.NORMS["imagenet"])) for x, _ in reference)
 
-            for warm in (ours_pass, ref_pass):
-                warm() if workers else None  # start the persistent workers outside the clock
-            alone = [rate(lambda: ours_pass(), len(items)), rate(ref_pass, len(items))]
+        for warm in (ours_pass, ref_pass):
+            warm() if workers else None  # start the persistent workers outside the clock
+        alone = [rate(lambda: ours_pass(), len(items)), rate(ref_pass, len(items))]
 
-            def step(x, y):
-                loss = torch.nn.functional.cross_entropy(model(x.float()), y)
-                opt.zero_grad(), loss.backward(), opt.step()
+        def step(x, y):
+            loss = torch.nn.functional.cross_entropy(model(x.float()), y)
+            opt.zero_grad(), loss.backward(), opt.step()
 
-            n = 8 * args.vit_batches
-            with_vit = rate(lambda: ours_pass(limit=n, step=step), n)
-            ref8 = DataLoader(ref_set, batch_size=8, shuffle=True, num_workers=workers)
+        n = 8 * args.vit_batches
+        with_vit = rate(lambda: ours_pass(limit=n, step=step), n)
+        ref8 = DataLoader(ref_set, batch_size=8, shuffle=True, num_workers=workers)
 
-            def ref_step():
-                for k, (x, y) in enumerate(ref8):
-                    step(data.normalize(x, *data.NORMS["imagenet"]), y)
-                    if k + 1 == args.vit_batches:
-                        break
-            ref_vit = rate(ref_step, n)
-            rows.append((workers, *alone, with_vit, ref_vit))
-        print(f"\n{len(items)} JPEGs of 500x375, batch 32 (loader alone) and 8 (with a ViT-B/16 VPT-deep step, "
-              "backbone frozen, forward + backward), images/s:")
-        print("| workers | loader alone: data.Stream | ImageFolder + DataLoader | + ViT-B/16 step: data.Stream | "
-              "ImageFolder + DataLoader |\n|---|---|---|---|---|")
-        for w, a, b, c, d in rows:
-            print(f"| {w} | {a:,.0f} | {b:,.0f} | {c:.2f} | {d:.2f} |")
+        def ref_step():
+            for k, (x, y) in enumerate(ref8):
+                step(data.normalize(x, *data.NORMS["imagenet"]), y)
+                if k + 1 == args.vit_batches:
+                    break
+        ref_vit = rate(ref_step, n)
+        rows.append((workers, *alone, with_vit, ref_vit))
+    print(f"\n{len(items)} JPEGs of 500x375, batch 32 (loader alone) and 8 (with a ViT-B/16 VPT-deep step, "
+          "backbone frozen, forward + backward), images/s:")
+    print("| workers | loader alone: data.Stream | ImageFolder + DataLoader | + ViT-B/16 step: data.Stream | "
+          "ImageFolder + DataLoader |\n|---|---|---|---|---|")
+    for w, a, b, c, d in rows:
+        print(f"| {w} | {a:,.0f} | {b:,.0f} | {c:.2f} | {d:.2f} |")
 
-        print(f"\npeak memory over one pass of {CAMERA[0]}x{CAMERA[1]} JPEGs, 2 workers, batch 32, 224 px "
-              "(each in a fresh child process; PSS sums the processes' proportional shares):")
-        for count in map(int, args.rss.split(",")):
-            folder = Path(tmp) / f"rss{count}"
-            photos(folder, count, CAMERA)
-            r = subprocess.run([sys.executable, __file__, "--rss-child", str(folder), str(count)], capture_output=True,
-                               text=True)
-            if r.returncode:
-                raise SystemExit(r.stderr[-2000:])
-            m = json.loads(r.stdout.splitlines()[-1])
-            print(f"  {count:5,} images: {m['seconds']:.0f} s ({count / m['seconds']:.0f} img/s); peak PSS of the process "
-                  f"tree {m['pss'] / 2**20:,.0f} MiB, of the main process {m['main_pss'] / 2**20:,.0f} MiB; main "
-                  f"process peak RSS {m['hwm'] / 2**20:,.0f} MiB")
+
+
+def memory(args, tmp):
+    print(f"\npeak memory over one pass of {CAMERA[0]}x{CAMERA[1]} JPEGs, 2 workers, batch 32, 224 px "
+          "(each in a fresh child process; PSS sums the processes' proportional shares):")
+    for count in map(int, args.rss.split(",")):
+        folder = Path(tmp) / f"rss{count}"
+        photos(folder, count, CAMERA)
+        r = subprocess.run([sys.executable, __file__, "--rss-child", str(folder), str(count)], capture_output=True,
+                           text=True)
+        if r.returncode:
+            raise SystemExit(r.stderr[-2000:])
+        m = json.loads(r.stdout.splitlines()[-1])
+        print(f"  {count:5,} images: {m['seconds']:.0f} s ({count / m['seconds']:.0f} img/s); peak PSS of the process "
+              f"tree {m['pss'] / 2**20:,.0f} MiB, of the main process {m['main_pss'] / 2**20:,.0f} MiB; main "
+              f"process peak RSS {m['hwm'] / 2**20:,.0f} MiB")
 
 
 def pss(pid):  # kB -> bytes, of one process (0 once it is gone)
