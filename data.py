@@ -24,13 +24,17 @@ medium large), freq (of the pattern: coarse medium fine), aspect (round long). S
 Each task has a train pool of 32, a val pool of 16 and a test set of 40 per class; the sources draw without end
 (.batch). No resize, crop or augmentation on the world; normalisation 0.5/0.5 ("inception").
 
-Real data (the layouts of LAYOUTS) is decoded once (read_image, threads), brought to img_size by a protocol preset
-(PROTOCOLS: the official code's resize and crop) and kept as uint8: 150,528 bytes per 224 px image (196,608 per 256 px training square), so CoOp's
-Food-101 test set (30,300) takes 4.6 GB, Flowers-102's (6,149) 0.9 GB, and a 32 px image 3 KB. Past NANOPETL_MAX_GB
-(default 8; max_gb) load_task stops and says how to go on: a smaller image size, or a larger limit (and from Python,
-test_per_class=N, a seeded subset of each class of test).
+Real data (the layouts of LAYOUTS) is read with decode (torchvision.io for 8-bit JPEGs, read_image for the rest) and
+brought to img_size by a protocol preset (PROTOCOLS: the official code's resize and crop, as transforms.v2), as uint8:
+150,528 bytes per 224 px image (196,608 per 256 px training square), so CoOp's Food-101 test set (30,300) takes
+4.6 GB, Flowers-102's (6,149) 0.9 GB. The splits that fit a budget (cache_gb, default NANOPETL_MAX_GB: 8) are decoded
+once and kept, val and test once per process for a whole sweep; a split beyond it streams (Stream: a
+torch.utils.data.Dataset read by DataLoader workers), so ImageNet-1k (1.28M images, 193 GB as uint8) trains in
+bounded memory. load_task prints which split does what. The embedded world stays in memory: it renders 32 px images
+at thousands per second on one core, faster than any file could be read, and its pools are a few MB.
 """
 import argparse
+import ctypes
 import hashlib
 import itertools
 import json
@@ -45,7 +49,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.io
 from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
@@ -60,17 +66,18 @@ VTAB_TASKS = {  # folder -> classes: the 19 tasks of VTAB-1k (Zhai et al. 2019, 
     "clevr_dist": 6, "dmlab": 6, "kitti": 4, "dsprites_loc": 16, "dsprites_ori": 16, "smallnorb_azi": 18,
     "smallnorb_ele": 9}
 NORMS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "inception": ((0.5,) * 3, (0.5,) * 3)}
-PROTOCOLS = {  # name: (resize, side at img_size 224, PIL filter, train augmentation); then a centre crop of img_size
-    "fgvc": ("shorter", 256, Image.BILINEAR, "crop_flip"),  # VPT: Resize(256) -> RandomCrop(224) + flip / CenterCrop
-    "vtab": ("square", 224, Image.BICUBIC, "none"),  # NOAH and VPT on VTAB: Resize((224, 224)), no augmentation
-    "noah-fewshot": ("square", 256, Image.BICUBIC, "crop_flip")}  # NOAH: Resize((256, 256)) -> CenterCrop(224) for
+BILINEAR, BICUBIC = InterpolationMode.BILINEAR, InterpolationMode.BICUBIC
+PROTOCOLS = {  # name: (resize, side at img_size 224, interpolation, train augmentation); then a centre crop of img_size
+    "fgvc": ("shorter", 256, BILINEAR, "crop_flip"),  # VPT: Resize(256) -> RandomCrop(224) + flip / CenterCrop
+    "vtab": ("square", 224, BICUBIC, "none"),  # NOAH and VPT on VTAB: Resize((224, 224)), no augmentation
+    "noah-fewshot": ("square", 256, BICUBIC, "crop_flip")}  # NOAH: Resize((256, 256)) -> CenterCrop(224) for
 # eval; for training we crop + flip, not timm's RandAugment recipe that NOAH trains with.
 
 class DataError(Exception):
     """A data problem the user can fix; its one message says what is wrong, where, and what to do."""
 
 @dataclass
-class Split:
+class Split:  # a split kept in memory; a split read from disk as it is used is a Stream (same labels, len, subset)
     images: torch.Tensor  # (N, 3, H, W) uint8, decoded and transformed once
     labels: torch.Tensor  # (N,) int64 in 0..C-1
 
@@ -86,7 +93,7 @@ class Task:
     num_classes: int
     train: Split  # the support set: `shots` per class, or the whole training split
     val: Split  # for model selection: never from test, never train's images (but see _vtab's "final" stage)
-    test: Split
+    test: Split  # each of the three a Stream instead when load_task streams it (past cache_gb)
     img_size: int  # the side the backbone sees; under crop_flip train is kept larger and augment() crops it
     mean: tuple
     std: tuple
@@ -362,7 +369,10 @@ def _list(file, base, num_classes=None):
     return items
 
 def _torchvision_layout(name, root):
-    """The five few-shot datasets, read from the files torchvision's classes read (torchvision/datasets/{flowers102,oxford_iiit_pet,fgvc_aircraft,food101,stanford_cars}.py)."""
+    """The five few-shot datasets, read from the files torchvision's classes read (torchvision/datasets/{flowers102,
+    oxford_iiit_pet,fgvc_aircraft,food101,stanford_cars}.py), not through the classes: they keep their paths and
+    labels in private attributes (_image_files, _images, _labels, _samples), and the k-shot draw, the held-out val
+    and the run's fingerprint need both before any image is decoded. torchvision still downloads them (_read)."""
     from scipy.io import loadmat
     mat = lambda path, key: np.atleast_1d(loadmat(str(path), squeeze_me=True)[key])  # str: a Path hides "not found"
     if name == "flowers102":
@@ -549,19 +559,44 @@ def read_image(path):
     except (OSError, ValueError, SyntaxError) as e:  # truncated, not an image, or a mode PIL cannot convert
         raise DataError(f"cannot read image {path}: {e}; {fix}") from None
 
-def _decode(items, resize, side, resample, crop, desc):
-    """[(path, label)] -> Split of uint8 (N, 3, crop, crop): read_image, resize (the shorter side, or the whole image,
-    to `side`), centre crop; in threads (PIL releases the GIL), with a progress bar past 500 images."""
-    images = torch.empty(len(items), 3, crop, crop, dtype=torch.uint8)
+def decode(path):
+    """One image file -> uint8 (3, H, W) with read_image's pixels. 8-bit RGB and grey JPEGs, the bulk of every
+    dataset here, go through torchvision.io.decode_jpeg (libjpeg-turbo, EXIF orientation applied): the same pixels
+    as read_image (tests/test_stream.py), in less time (tests/bench_data.py). Every other file -- PNG, 16-bit,
+    palette, transparency, CMYK, what libjpeg refuses -- goes through read_image, which keeps its mode rules and
+    names a bad file in its DataError. The header is read first (PIL, no pixels): a bomb or a strip is refused
+    there before any decoding."""
+    path = str(path)
+    try:
+        if os.path.isfile(path):  # a FIFO would block in open(): read_image refuses it
+            with Image.open(path) as im:
+                (w, h), limit = im.size, Image.MAX_IMAGE_PIXELS
+                fast = im.format == "JPEG" and im.mode in ("RGB", "L") and not (limit and w * h > limit) and \
+                    max(w, h) <= MAX_ASPECT * min(w, h)
+            if fast and hasattr(torchvision.io, "decode_jpeg"):  # deprecated in torchvision 0.29 for TorchCodec
+                return torchvision.io.decode_jpeg(torchvision.io.read_file(path), mode=torchvision.io.ImageReadMode.RGB,
+                                                  apply_exif_orientation=True)  # (3, H, W)
+    except (OSError, ValueError, SyntaxError, RuntimeError, TypeError, Image.DecompressionBombError):
+        pass  # truncated, not an image, or refused by libjpeg: read_image says what and where
+    return torch.from_numpy(np.array(read_image(path))).permute(2, 0, 1)  # (3, H, W)
+
+def resize_crop(resize, side, interpolation, crop):
+    """The fixed part of a protocol (PROTOCOLS), as torchvision.transforms.v2 on uint8 (3, H, W): Resize(side) of the
+    shorter side or Resize((side, side)), antialiased, then CenterCrop(crop). Against PIL's resize (what data.py
+    used before it streamed): at most 1 level in 255 apart, 0.002-0.004 on average (bilinear, bicubic; 500x375 JPEG).
+    The random crop + flip of training stays on the batch (augment), drawn from a generator the caller seeds: v2's
+    random transforms draw from the global RNG, which loader workers and a resumed run do not replay."""
+    return v2.Compose([v2.Resize(side if resize == "shorter" else [side, side], interpolation, antialias=True),
+                       v2.CenterCrop(crop)])
+
+def _decode(items, resize, side, interpolation, crop, desc):
+    """[(path, label)] -> Split of uint8 (N, 3, crop, crop): decode, resize_crop; in threads (libjpeg-turbo, torch and
+    PIL release the GIL), with a progress bar past 500 images."""
+    images, transform = torch.empty(len(items), 3, crop, crop, dtype=torch.uint8), resize_crop(resize, side,
+                                                                                              interpolation, crop)
 
     def one(i):
-        im = read_image(items[i][0])
-        w, h = im.size
-        size = (side, side) if resize == "square" else (side, int(side * h / w)) if w <= h else \
-            (int(side * w / h), side)  # torchvision's Resize((s, s)) or Resize(s)
-        left, top = round((size[0] - crop) / 2), round((size[1] - crop) / 2)
-        im = im.resize(size, resample).crop((left, top, left + crop, top + crop))
-        images[i] = torch.from_numpy(np.array(im)).permute(2, 0, 1)  # (3, crop, crop)
+        images[i] = transform(decode(items[i][0]))  # (3, crop, crop)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # read_image refuses past the limit itself
@@ -571,16 +606,108 @@ def _decode(items, resize, side, resample, crop, desc):
     return Split(images, torch.tensor([label for _, label in items], dtype=torch.long))
 
 @lru_cache(maxsize=4)
-def _decoded(items, resize, side, resample, crop, desc):
+def _decoded(items, resize, side, interpolation, crop, desc):
     """_decode for val and test, memoised: a sweep's runs (methods x shots x seeds) decode them once per process."""
-    return _decode(items, resize, side, resample, crop, desc)
+    return _decode(items, resize, side, interpolation, crop, desc)
+
+def default_workers():
+    """Loader processes per training process: the CPUs this process may use, shared by the processes torchrun started
+    on this machine (LOCAL_WORLD_SIZE), one kept for the training loop itself; at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+
+class Stream(torch.utils.data.Dataset):
+    """A split read from disk as it is used: item i is (the uint8 image _decode would keep, label i). It holds only
+    its index: the paths as one numpy byte array, which forked loader workers share (a list of Python strings would
+    be copied into every worker page by page as reference counts touch it: pytorch/pytorch#13246), and the labels.
+    Read it through batches(); a bad image becomes one DataError naming it, raised in the training process."""
+
+    def __init__(self, items, resize, side, interpolation, crop, workers=0):
+        self.paths = np.array([os.fsencode(p) for p, _ in items], dtype=bytes)  # (N,) fixed-width bytes
+        self.labels = torch.tensor([label for _, label in items], dtype=torch.long)
+        self.how, self.workers, self._loaders = (resize, side, interpolation, crop), workers, {}
+        self.transform = resize_crop(resize, side, interpolation, crop)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused past the limit anyway
+                return self.transform(decode(os.fsdecode(self.paths[i]))), int(self.labels[i])
+        except DataError as e:  # travels back as data: a worker's exception would arrive wrapped in its traceback
+            return str(e)
+
+    def __getstate__(self):  # what a spawned worker receives: the index, not the loaders
+        return {**self.__dict__, "_loaders": {}}
+
+    def subset(self, idx):
+        return Stream([(os.fsdecode(self.paths[i]), int(self.labels[i])) for i in torch.as_tensor(idx).tolist()],
+                      *self.how, self.workers)
+
+    def batches(self, order, batch, skip=0, pin=False):
+        """(uint8 images (B, 3, crop, crop), labels (B,)) for the slices of `batch` of `order` (indices), from slice
+        `skip` on (a resumed epoch reads nothing it skips). A DataLoader per (batch, pin) is kept: its `workers`
+        processes stay up between passes (persistent_workers) and each decodes at most 2 batches ahead
+        (prefetch_factor); pin: page-locked batches, so copies to CUDA can be non-blocking. With 0 workers this
+        process decodes. The loader has its own generator, so reading never draws from the global RNG."""
+        if (batch, pin) not in self._loaders:
+            self._loaders[batch, pin] = torch.utils.data.DataLoader(
+                self, batch_sampler=_Slices(batch), num_workers=self.workers, collate_fn=_collate, pin_memory=pin,
+                persistent_workers=self.workers > 0, prefetch_factor=2 if self.workers else None,
+                generator=torch.Generator(), worker_init_fn=_worker_init)
+        loader = self._loaders[batch, pin]
+        loader.batch_sampler.order, loader.batch_sampler.skip = order, skip
+        for item in loader:
+            if isinstance(item, str):
+                raise DataError(item)
+            yield item
+
+class _Slices(torch.utils.data.Sampler):
+    """The batch sampler of a Stream's loader: slices of `batch` of `order`, from slice `skip`; set before each pass."""
+
+    def __init__(self, batch):
+        self.batch, self.order, self.skip = batch, torch.zeros(0, dtype=torch.long), 0
+
+    def __iter__(self):
+        for i in range(self.skip * self.batch, len(self.order), self.batch):
+            yield self.order[i:i + self.batch].tolist()
+
+    def __len__(self):
+        return max(0, math.ceil(len(self.order) / self.batch) - self.skip)
+
+def _collate(items):  # [(image, label) or an error line] -> [images, labels] (in shared memory in a worker), or
+    return next((x for x in items if isinstance(x, str)), None) or torch.utils.data.default_collate(items)  # the line
+
+def _worker_init(worker):
+    """In each loader worker: glibc's malloc raises its mmap threshold after a large buffer is freed, so later decode
+    buffers (5.8 MB for a 2-megapixel JPEG) come from the heap and fragment it, and a worker grew by ~100 MB over
+    2,400 such images (tests/bench_data.py); a fixed 1 MB threshold hands every large buffer back. Elsewhere: no-op."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+@lru_cache(maxsize=4)
+def _streamed(items, resize, side, interpolation, crop, workers):
+    """A Stream of val or test, memoised as _decoded is: every run of a sweep reads it through the same workers."""
+    return Stream(items, resize, side, interpolation, crop, workers)
+
+_SAID = set()
+
+def _say(line):  # once per process: a sweep loads the same splits for every shots and seed
+    if line not in _SAID:
+        _SAID.add(line)
+        tqdm.write(line)
 
 # -----------------------------------------------------------------------------
 # load_task: one entry point for every dataset
 
 def max_gb():
-    """NANOPETL_MAX_GB (default 8, inf for no limit): the GB of decoded uint8 images load_task may hold. A value that
-    is not a positive number is a DataError naming it (fewshot.check() calls this before any work)."""
+    """NANOPETL_MAX_GB (default 8, inf for no limit): the GB of decoded uint8 images load_task keeps in memory when
+    no cache_gb is given (--cache-gb); splits past it stream. A value that is not a positive number is a DataError
+    naming it (fewshot.check() calls this before any work)."""
     value = os.environ.get("NANOPETL_MAX_GB", "8")
     try:
         limit = float(value)
@@ -592,13 +719,17 @@ def max_gb():
     return limit
 
 def load_task(name="synthetic", root=None, *, shots=None, seed=0, img_size=None, norm=None, protocol=None,
-              vtab_task=None, vtab_stage="final", world_seed=0, download=False, test_per_class=None):
+              vtab_task=None, vtab_stage="final", world_seed=0, download=False, test_per_class=None, cache_gb=None,
+              workers=None):
     """A list of Task: the five embedded ones for "synthetic" ("synthetic:<task>" for one), else one read from root.
     shots: None or "all" for the whole training split; K for few_shot(labels, K, seed), or for noah-fewshot the list
     of (K, seed). img_size: None = 32 for the world, 224 for real data. norm: "imagenet" or "inception" (None =
     inception for the world, imagenet for real data as in VPT). protocol: None = vtab for vtab1k, noah-fewshot for
     its lists, fgvc otherwise. With no official val split, val is the seeded tail of each class of train (~10%, 1
-    to 20 images; few_shot takes the head). vtab1k: vtab_task ("vtab1k:<task>" also works) and vtab_stage (_vtab)."""
+    to 20 images; few_shot takes the head). vtab1k: vtab_task ("vtab1k:<task>" also works) and vtab_stage (_vtab).
+    Data on disk: the splits whose uint8 images fit cache_gb (default NANOPETL_MAX_GB, max_gb), smallest first, are
+    decoded once and kept (Split; val and test memoised for a sweep); the others are a Stream read by `workers`
+    loader processes (default_workers()). The choice is printed, once per process."""
     name, _, sub = name.partition(":")
     norm = norm or ("inception" if name == "synthetic" else "imagenet")
     protocol = protocol or {"vtab1k": "vtab", "noah-fewshot": "noah-fewshot"}.get(name, "fgvc")
@@ -632,20 +763,26 @@ def load_task(name="synthetic", root=None, *, shots=None, seed=0, img_size=None,
         if not val:  # no accuracy to measure on an empty split
             raise DataError(f"{name}: val would be empty: shots={shots or 'all'} takes every training image of each "
                             f"class into the support set; use fewer shots, or add an official val split")
-    train = [train[i] for i in keep]
+    train = [train[i] for i in keep.tolist()]
     if test_per_class:
         t = torch.tensor([label for _, label in test], dtype=torch.long)
-        test = [test[i] for i in _per_class(t, len(names), seed, lambda n: test_per_class)]
-    resize, side, resample, train_aug = PROTOCOLS[protocol]
+        test = [test[i] for i in _per_class(t, len(names), seed, lambda n: test_per_class).tolist()]
+    resize, side, interpolation, train_aug = PROTOCOLS[protocol]
     side = round(side * size / 224)
-    train_side, limit = side if train_aug == "crop_flip" else size, max_gb()
-    if (need := 3 * (len(train) * train_side**2 + (len(val) + len(test)) * size**2)) > limit * 1e9:
-        raise DataError(f"{name}: these splits take {need / 1e9:.1f} GB as uint8 at {size} px (test: {len(test):,} "
-                        f"images), over NANOPETL_MAX_GB={limit:g}: use a smaller image size (fewshot.py --img-size), "
-                        f"or raise NANOPETL_MAX_GB if the memory is there")
-    splits = [_decode(items, resize, side, resample, crop, f"{name} {s}") if s == "train" else
-              _decoded(tuple(items), resize, side, resample, crop, f"{name} {s}")
-              for s, items, crop in (("train", train, train_side), ("val", val, size), ("test", test, size))]
+    plan = (("train", train, side if train_aug == "crop_flip" else size), ("val", val, size), ("test", test, size))
+    budget, workers = max_gb() if cache_gb is None else cache_gb, default_workers() if workers is None else workers
+    kept, left = set(), budget * 1e9
+    for s, items, crop in sorted(plan, key=lambda p: len(p[1]) * p[2]**2):  # the smallest first: most splits kept
+        if 3 * len(items) * crop**2 <= left:
+            kept.add(s)
+            left -= 3 * len(items) * crop**2
+    _say(f"{name}: " + "; ".join(f"{s} {len(items):,} images ({3 * len(items) * crop**2 / 1e9:.2g} GB as uint8) " + (
+        "decoded once, kept in memory" if s in kept else f"streamed from disk by {workers} loader workers")
+        for s, items, crop in plan) + f" (--cache-gb {budget:g} GB)")
+    splits = [(_decode(items, resize, side, interpolation, crop, f"{name} {s}") if s == "train" else
+               _decoded(tuple(items), resize, side, interpolation, crop, f"{name} {s}")) if s in kept else
+              Stream(items, resize, side, interpolation, crop, workers) if s == "train" else
+              _streamed(tuple(items), resize, side, interpolation, crop, workers) for s, items, crop in plan]
     meta = dict(dataset=name, root=str(root), protocol=protocol, norm=norm, shots=shots, seed=seed,
                 val="official" if "val" in found else "held out from train", test_per_class=test_per_class,
                 sizes=dict(zip(("train", "val", "test"), map(len, splits))), classes=names, **found.get("meta", {}),
@@ -660,8 +797,11 @@ def fingerprint(root, splits, names=()):
     for s in splits:
         if isinstance(s, Split):
             h.update(s.images.contiguous().numpy().tobytes()), h.update(s.labels.numpy().tobytes())
-        else:
-            h.update(json.dumps([(os.path.relpath(p, root), y) for p, y in s]).encode())
+        else:  # json.dumps of the whole list, item by item: no copy of a 1.28M-image index as one string
+            h.update(b"[")
+            for i, (p, y) in enumerate(s):
+                h.update((", " * (i > 0) + json.dumps((os.path.relpath(p, root), y))).encode())
+            h.update(b"]")
     return h.hexdigest()[:16]
 
 def _synthetic_task(name, shots, seed, img_size, norm, world_seed):

@@ -8,6 +8,7 @@ Few-shot evaluation of PETuning methods: methods x datasets x shots x seeds, one
         --grid --optimizer sgd --lr-scale --method vpt          # VPT's protocol: lr x wd on train800 -> val200
     python fewshot.py --method vpt,lora --opt dropout=0.0   # a method's own constructor options, by name
     torchrun --nproc_per_node=8 fewshot.py ...              # a sweep over 8 GPUs: each rank takes every 8th run
+    python fewshot.py --shard 0/4 ...                       # job 0 of 4 sharing only --out (a SLURM array task)
 With no --weights the embedded backbone is used, and `pvp` with no --pvp-init the embedded PVP prompts, which are
 pre-trained first (by running pvp_pretrain.py) when missing and cached under checkpoints/.
 
@@ -136,6 +137,13 @@ class Config:
     device: str = field(default="auto", metadata={"help": "auto (cuda -> mps -> cpu), or cpu, cuda, cuda:<n>, mps"})
     amp: bool = field(default=False, metadata={"help": "bf16 autocast in training too (CUDA only; eval always uses it)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model for training and evaluation"})
+    # --- issue 13: data path
+    workers: int = field(default=None, metadata={"help": "loader processes per training process for splits streamed "
+                                                         "from disk (default: its CPUs - 1, at most 8)"})
+    cache_gb: float = field(default=None, metadata={"help": "GB of decoded images kept in memory, smallest split first; "
+                                                           "the rest stream from disk (default: NANOPETL_MAX_GB, 8)"})
+    shard: str = field(default=None, metadata={"help": "i/n: run only the planned runs whose index %% n == i, for n "
+                                                      "independent jobs on one --out (no locks); any writes the table"})
     out: str = field(default="runs/fewshot", metadata={"help": "output folder"})
     plot: bool = field(default=False, metadata={"help": "write accuracy_vs_shots.png"})
 
@@ -478,21 +486,75 @@ def read_module(path, backbone):
 # the one training loop (pvp_pretrain.py uses it too), evaluation, and the head initialisation
 
 
-def batches(split, task, device, batch, *, train, generator=None, rank=0, world=1, drop_last=False, reprob=0.0):
-    """Normalised image batches on `device`: augmented when training (task.train_aug), centre-cropped otherwise;
-    under torchrun each of `world` ranks takes every world-th image of the same order. A split of float features
-    (the linear probe's) is batched as it is. drop_last: no incomplete last batch."""
-    order = (torch.randperm(len(split), generator=generator) if train else torch.arange(len(split)))[rank::world]
-    for i in range(0, len(order) - (batch - 1 if drop_last else 0), batch):
-        idx = order[i:i + batch]
-        x = split.images[idx].to(device, non_blocking=True)
+def batches(split, task, device, batch, *, train, generator=None, rank=0, world=1, skip=0, state=None, drop_last=False,
+            reprob=0.0):
+    """Normalised image batches on `device`: augmented when training (task.train_aug), centre-cropped otherwise. The
+    order (drawn from `generator` when training) is padded with its own head to a multiple of `world` and rank takes
+    every world-th index, as torch's DistributedSampler does: the shards are disjoint (but for at most world-1
+    repeats), cover the split, and are equally long, so every rank takes as many steps. skip: start at this rank's
+    batch `skip`; state: `generator`'s state after it (a resumed epoch); drop_last: no incomplete last batch. A
+    data.Stream is read by its loader workers (pinned on CUDA); a split of float features (the linear probe's) is
+    batched as it is. Under --aug randaug each image is transformed alone (data.randaug, with reprob)."""
+    n = len(split)
+    order = torch.randperm(n, generator=generator) if train else torch.arange(n)
+    order = torch.cat([order, order[:-n % world]])[rank::world]  # (ceil(n / world),)
+    order = order[:len(order) // batch * batch] if drop_last else order
+    if state is not None:
+        generator.set_state(state)
+    if isinstance(split, data.Stream):
+        source = split.batches(order, batch, skip, pin=torch.device(device).type == "cuda")
+    else:
+        source = ((split.images[idx], split.labels[idx]) for idx in (order[i:i + batch] for i in
+                                                                     range(skip * batch, len(order), batch)))
+    for images, labels in source:
+        x = images.to(device, non_blocking=True)
         if x.dtype == torch.uint8:
             how = task.train_aug if train else "none"
-            if how == "randaug":  # per image, on uint8: its random draws come from the seeded global generator
+            if how == "randaug":  # per image: its random draws come from the global generator, seeded per epoch
                 x = data.randaug(x, task.img_size, task.mean, task.std, reprob)
             else:
                 x = data.normalize(data.augment(x, how, generator=generator, size=task.img_size), task.mean, task.std)
-        yield x, split.labels[idx].to(device, non_blocking=True)
+        yield x, labels.to(device, non_blocking=True)
+
+
+WAIT_WINDOW = 50  # steps over which the bar's images/s and data wait are measured
+
+
+class Progress:
+    """What the training bar shows beside the loss, over the last WAIT_WINDOW steps: images/s (over all ranks) and
+    `wait`, the fraction of the time the loop waited for its next batch; once, a warning when a split read from disk
+    kept the loop waiting more than half the time (the loader, not the model, sets the pace)."""
+
+    def __init__(self, split, world, rank):
+        self.split, self.world, self.rank, self.warned = split, world, rank, False
+        self.start, self.waited, self.images, self.steps = time.perf_counter(), 0.0, 0, 0
+
+    def timed(self, batches):
+        """The batches, timing how long each next() took."""
+        it = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            self.waited += time.perf_counter() - t0
+            yield item
+
+    def step(self, images):
+        """Count a step of `images` images; the figures to show, over the window so far."""
+        self.images, self.steps = self.images + images, self.steps + 1
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        wait = self.waited / seconds
+        shown = {"img/s": f"{self.images * self.world / seconds:,.0f}", "wait": f"{wait:.0%}"}
+        if self.steps == WAIT_WINDOW:  # the window is full: judge it, and start the next
+            if wait > 0.5 and isinstance(self.split, data.Stream) and self.rank == 0 and not self.warned:
+                self.warned = True
+                tqdm.write(f"warning: the loader is the bottleneck: the last {self.steps} steps waited for data "
+                           f"{wait:.0%} of the time, with {self.split.workers} loader workers; give it more "
+                           "(--workers), or keep the split in memory (--cache-gb) if it fits")
+            self.start, self.waited, self.images, self.steps = time.perf_counter(), 0.0, 0, 0
+        return shown
 
 
 def autocast(device, amp):
@@ -522,13 +584,15 @@ def mixer(cfg, num_classes):
     return None if not mixes else mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
-def train(model, split, task, cfg, device, *, seed, lr=None, desc="train", start_epoch=0, opt_state=None, on_epoch=None,
-          distributed=False):
+def train(model, split, task, cfg, device, *, seed, lr=None, desc="train", start=None, opt_state=None, on_save=None,
+          save_every=0, distributed=False):
     """AdamW or SGD with warmup then cosine (learning_rate); `epochs` passes capped at `max_steps` steps. The loss is
     cross-entropy with cfg.label_smoothing, on MixUp/CutMix soft targets when they are on (images only: the linear
     probe's features are not mixed); cfg.drop_path turns on the frozen backbone's stochastic depth while it trains.
-    Each epoch reseeds from (seed, epoch), so a run resumed at an epoch boundary (start_epoch, opt_state) replays
-    exactly. distributed=True (pvp_pretrain under torchrun): one model over all ranks, DDP averaging the gradients."""
+    Each epoch reseeds from (seed, epoch). on_save(position, opt) is called after every epoch and every `save_every`
+    steps; the position holds the epoch, the batches done in it, the step, and mid-epoch the order's generator and
+    the RNG states, so a run resumed from it (start=position, opt_state) replays exactly, mid-epoch too.
+    distributed=True (pvp_pretrain under torchrun): one model over all ranks, DDP averaging the gradients."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed and dist.is_initialized() else (0, 1)
     net = DDP(model) if world > 1 else torch.compile(model) if cfg.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -539,18 +603,24 @@ def train(model, split, task, cfg, device, *, seed, lr=None, desc="train", start
     if opt_state:
         opt.load_state_dict(opt_state)
     batch = min(cfg.batch, len(split))
-    per_epoch = (len(split) // world // batch if cfg.drop_last else math.ceil(len(split) / world / batch)) or 1
+    per_rank = math.ceil(len(split) / world)  # batches() pads the order to a multiple of world
+    per_epoch = (per_rank // batch if cfg.drop_last else math.ceil(per_rank / batch)) or 1
     total = min(cfg.epochs * per_epoch, cfg.max_steps or float("inf"))
     epochs, mix = math.ceil(total / per_epoch), mixer(cfg, task.num_classes)
     model.train()
     restore = drop_path_on(model, cfg.drop_path)
-    t = start_epoch * per_epoch  # the step; not the bar's count, which stays 0 under TQDM_DISABLE=1
+    t = start["step"] if start else 0  # the step; not the bar's count, which stays 0 under TQDM_DISABLE=1
     bar = tqdm(total=total, initial=t, desc=desc, leave=False, dynamic_ncols=True)
-    for epoch in range(start_epoch, epochs):
+    progress = Progress(split, world, rank)
+    for epoch in range(start["epoch"] if start else 0, epochs):
         torch.manual_seed(seed * 100_003 + epoch)  # dropout draws
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)  # order and augmentation
-        for x, y in batches(split, task, device, batch, train=True, generator=g, rank=rank, world=world,
-                            drop_last=cfg.drop_last, reprob=cfg.reprob):
+        done, at = (start["batch"], start) if start and start["epoch"] == epoch and start["batch"] else (0, None)
+        if at:  # resumed mid-epoch: the RNG as it was after batch `done`
+            set_rng_state(at["rng"], device)
+        for x, y in progress.timed(batches(split, task, device, batch, train=True, generator=g, rank=rank, world=world,
+                                           skip=done, state=at and at["generator"], drop_last=cfg.drop_last,
+                                           reprob=cfg.reprob)):
             if t >= total:
                 break
             for group in opt.param_groups:
@@ -565,10 +635,12 @@ def train(model, split, task, cfg, device, *, seed, lr=None, desc="train", start
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            t += 1
-            bar.update(), bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        if on_epoch:
-            on_epoch(epoch, opt)
+            t, done = t + 1, done + 1
+            bar.update(), bar.set_postfix(loss=f"{loss.item():.3f}", **progress.step(len(x)), refresh=False)
+            if on_save and save_every and t % save_every == 0 and done < per_epoch:  # mid-epoch; its end saves below
+                on_save(dict(epoch=epoch, batch=done, step=t, generator=g.get_state(), rng=rng_state(device)), opt)
+        if on_save:
+            on_save(dict(epoch=epoch + 1, batch=0, step=t), opt)
     bar.close()
     restore()
     return model
@@ -590,6 +662,17 @@ def drop_path_on(model, rate):
             blk.drop_path = r
             blk.train(mode)
     return restore
+
+
+def rng_state(device):
+    """The global RNG states that a step draws from (dropout): the CPU's, and the device's on CUDA."""
+    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if torch.device(device).type == "cuda" else [])
+
+
+def set_rng_state(states, device):
+    torch.set_rng_state(states[0])
+    if torch.device(device).type == "cuda" and len(states) > 1:
+        torch.cuda.set_rng_state(states[1], device)
 
 
 @torch.inference_mode()
@@ -809,7 +892,10 @@ def append(path, record):
     A line torn by an earlier failed write is ended first, so it cannot swallow this one."""
     try:
         with open(path, "ab+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX)
+            except OSError:  # a file system without flock (some NFS, Lustre; --shard): still one O_APPEND write
+                pass
             end = f.seek(0, os.SEEK_END)
             torn = end > 0 and f.seek(end - 1) == end - 1 and f.read(1) != b"\n"
             f.write(b"\n" * torn + json.dumps(record).encode() + b"\n")
@@ -1060,6 +1146,13 @@ def check(cfg):
     need("pvp" not in methods or cfg.pvp_init or cfg.weights is None, "--method pvp with --weights needs --pvp-init: a "
          "module checkpoint pre-trained on that backbone (python pvp_pretrain.py --weights ...)")
     configs = check_options(cfg, methods, arch)
+    # --- issue 13: the data path's flags
+    need(cfg.workers is None or cfg.workers >= 0, f"--workers must be 0 (load in this process) or more, got {cfg.workers}")
+    need(cfg.cache_gb is None or cfg.cache_gb >= 0, f"--cache-gb must be a number of GB >= 0 (0: stream every split "
+         f"from disk), got {cfg.cache_gb}")
+    i, slash, n = (cfg.shard or "0/1").partition("/")
+    need(slash and i.isdigit() and n.isdigit() and int(i) < int(n), f"--shard {cfg.shard}: write i/n with 0 <= i < n, "
+         "e.g. --shard 0/4 ... --shard 3/4 for four jobs")
     # the device and the environment
     device = check_device("--device", cfg.device)
     need(not cfg.amp or device.type == "cuda", f"--amp is bf16 autocast on CUDA, and this run is on {device.type}: "
@@ -1139,23 +1232,25 @@ def main(argv=None):
     plan = [(k, s) for k in shots for s in seeds]
     total = len(plan) * len(methods) * (5 if cfg.data == "synthetic" else 1)
     chosen = {}  # --grid: (method, task, shots) -> (config, grid)
+    shard, shards = map(int, (cfg.shard or "0/1").split("/"))  # --shard i/n: this job runs index % n == i
     bar, n, planned = tqdm(total=total, desc="runs" if world == 1 else f"runs of rank {rank}", dynamic_ncols=True), -1, []
     try:
         for k, s in plan:
             tasks = data.load_task(cfg.data, cfg.data_root, shots=k, seed=s, img_size=cfg.img_size or backbone.img_size,
-                                   norm=cfg.norm, vtab_task=cfg.vtab_task, download=cfg.download)
+                                   norm=cfg.norm, vtab_task=cfg.vtab_task, download=cfg.download,
+                                   cache_gb=cfg.cache_gb, workers=cfg.workers)
             for task in tasks:
                 task.train_aug = cfg.aug or task.train_aug
                 for m in methods:
                     identity = run_identity(m, task, cfg, backbone_hash, module if m == "pvp" else configs[m])
                     key, n = run_key(identity), n + 1
                     planned.append(key)
-                    if key in done or n % world != rank:
+                    if key in done or n % shards != shard or n // shards % world != rank:
                         bar.update()
                         continue
-                    lock = claim(out, key)
-                    if lock is None or key in (done := done | finished(results)):  # another sweep has it or did it
-                        lock and lock.close()
+                    lock = claim(out, key) if shards == 1 else None  # --shard: the jobs' runs are disjoint, no locks
+                    if shards == 1 and (lock is None or key in (done := done | finished(results))):  # another sweep
+                        lock and lock.close()  # has it or did it
                         bar.update()
                         continue
                     bar.set_description(f"{m} {task.name} {k or 'all'}-shot seed {s}")
@@ -1183,7 +1278,7 @@ def main(argv=None):
                     record["seconds"] = round(time.time() - t0, 2)
                     append(results, record)
                     done[key] = record
-                    lock.close()
+                    lock and lock.close()
                     bar.update()
     except KeyboardInterrupt:
         bar.close()
@@ -1196,7 +1291,11 @@ def main(argv=None):
         if rank != 0:
             return 0
     done = finished(results)  # with what other ranks, or another sweep on this --out, wrote
-    if missing := [key for key in planned if key not in done]:
+    if (missing := [key for key in planned if key not in done]) and shards > 1:
+        print(f"{len(missing)} of the {len(planned)} planned runs are not in {results} yet: other shards' (--shard "
+              f"i/{shards}); when every shard has finished, run any of them again (or this command without --shard) for "
+              "the full table", file=sys.stderr)
+    elif missing:
         print(f"{len(missing)} runs are not in {results} yet: another sweep on {out} is running them; when it ends, "
               "run this command again for the full table", file=sys.stderr)
     records = [done[key] for key in dict.fromkeys(planned) if key in done]  # this command's runs, nothing else

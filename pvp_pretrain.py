@@ -9,14 +9,20 @@ The paper publishes no code, and leaves open which module, source, objective and
                has a module besides its head and keeps the backbone frozen (vpt-shallow, e2vpt, lora, or a new one)
   source       the embedded PVP source (192 classes, a stand-in for ImageNet-1k), or --data imagenet --data-root
   objective    supervised cross-entropy through a source head on the final-norm CLS token, backbone frozen, in eval
-  schedule     AdamW, warmup + cosine over --epochs passes of --per-class images per class (fewshot.train's loop)
+  schedule     AdamW, warmup + cosine over --epochs passes of --per-class images per class (fewshot.train's loop);
+               the paper publishes no pre-training schedule (epochs, lr, batch: unknown). For --data imagenet the
+               defaults are IMAGENET's, a choice of ours: see there
   head         the source head is discarded: the checkpoint holds the module's tensors only; downstream starts a
                fresh head (fewshot.py --method pvp) and every module tensor stays trainable, same recipe as random init
 The checkpoint is a .safetensors file (loading it runs no code) whose header records the module type and options,
 the backbone's name and weight hash (fewshot.py refuses a checkpoint made on another backbone), the source, the
-recipe and the final source accuracy. A resume file (<out>.resume) is written atomically after every epoch and
-records the recipe: --resume goes on only with the run that wrote it. Two processes building one --out take turns
-(a lock beside it): the second reuses what the first built when the recipe is the same.
+recipe and the final source accuracy. A resume file (<out>.resume) is written atomically after every epoch and every
+--save-every steps, with the position in the epoch (batches done, the order's generator, the RNG): a kill loses at
+most that many steps, and --resume goes on from there exactly as the uninterrupted run would have, mid-epoch and
+under torchrun too. It records the recipe: --resume goes on only with the run that wrote it. A source on disk larger
+than --cache-gb streams through DataLoader workers (--workers; data.Stream), in memory that does not grow with it.
+Two processes building one --out take turns (a lock beside it): the second reuses what the first built when the
+recipe is the same.
 
 The embedded backbone (the stand-in for the ImageNet-21k ViT-B/16) is trained here too, from scratch, and shipped:
 assets/vit_synthetic.safetensors was made by the first command below (its header records the command with every
@@ -25,6 +31,7 @@ recipe value, the source accuracy and the weight hash; assets/vit_synthetic.log 
     python pvp_pretrain.py                            # -> checkpoints/pvp_vpt_vit_synthetic.safetensors
     python pvp_pretrain.py --method lora --rank 4     # any registered method, with its options (--opt NAME=VALUE)
     torchrun --nproc_per_node=8 pvp_pretrain.py --weights vit_b16_in21k --data imagenet --data-root /data/imagenet
+    (the same) --max-steps 200 --save-every 50        # a first look: 200 steps, a checkpoint every 50
 fewshot.py loads the shipped backbone (it runs the first command only if that file is gone) and runs the second by
 itself (as a command) when its file is missing.
 """
@@ -50,20 +57,31 @@ need = fewshot.need
 BACKBONE = dict(per_class=512, epochs=2, lr=1e-3, wd=0.05, batch=64)  # 393k image-steps: assets/vit_synthetic.*
 BACKBONE_RECIPE = ("per_class", "epochs", "lr", "wd", "batch", "warmup", "optimizer", "seed")  # what its header records
 PVP = dict(per_class=64, epochs=3, lr=5e-3, wd=1e-4, batch=128)  # ~37k image-steps
+# --data imagenet (ImageNet-1k, 1.28M images). PVP's paper gives no schedule, so this is ours, not yet run at this
+# scale: 10 epochs (12.8M image-steps, 350x the embedded recipe's; ~1e18 FLOPs at ~74 GFLOPs per frozen-backbone
+# VPT-deep step, under an hour on one 8-GPU node by the README's estimate) with the embedded recipe's lr, wd and
+# batch per rank (x8 GPUs: 1,024 per step, ~1,250 steps per epoch), a checkpoint every 500 steps (a kill loses
+# minutes), and its warmup of 5% (half an epoch). Check the choice on the source val top-1 it prints.
+IMAGENET = dict(epochs=10, lr=5e-3, wd=1e-4, batch=128, save_every=500)
 
 # -----------------------------------------------------------------------------
 # pre-training: the backbone (embedded world only) and the modules, both through fewshot.train
 
 
 def source_task(args, img_size):
-    """The source as a data.Task: the embedded PVP (or backbone) source drawn once, or a dataset from disk."""
+    """The source as a data.Task: the embedded PVP (or backbone) source drawn once (at 32 px, resized bilinearly to
+    img_size as fewshot.py's embedded tasks are), or a dataset from disk (streamed past --cache-gb)."""
     if args.data in ("synthetic", "synthetic-backbone"):
         world = data.synthetic_source("backbone" if args.data == "synthetic-backbone" else "pvp")
         train, val = world.split("train", args.per_class), world.split("val", 8)
+        if img_size != 32:
+            train, val = (data.Split(torch.nn.functional.interpolate(s.images.float(), size=img_size, mode="bilinear",
+                          antialias=True).round().clamp(0, 255).byte(), s.labels) for s in (train, val))
         mean, std = data.NORMS["inception"]
-        return data.Task(f"{args.data}", world.num_classes, train, val, val, 32, mean, std, "none",
+        return data.Task(f"{args.data}", world.num_classes, train, val, val, img_size, mean, std, "none",
                          dict(source=world.name, per_class=args.per_class))
-    [task] = data.load_task(args.data, args.data_root, img_size=img_size, norm=args.norm)
+    [task] = data.load_task(args.data, args.data_root, img_size=img_size, norm=args.norm, cache_gb=args.cache_gb,
+                            workers=args.workers)
     return task
 
 
@@ -88,31 +106,38 @@ def recipe(args, backbone_hash, config):
         source=args.data, data_root=args.data_root and str(Path(args.data_root).resolve()),
         per_class=args.per_class if args.data.startswith("synthetic") else None,
         norm=args.norm, seed=args.seed, epochs=args.epochs, lr=args.lr, wd=args.wd, batch=args.batch,
-        warmup=args.warmup, optimizer=args.optimizer, amp=args.amp)))
+        warmup=args.warmup, optimizer=args.optimizer, amp=args.amp, max_steps=args.max_steps, img_size=args.img_size)))
 
 
 def read_resume(path, wanted):
-    """(model tensors, optimizer state, next epoch) from <out>.resume, refused unless it records this recipe."""
+    """(model tensors, optimizer state, position) from <out>.resume, refused unless it records this recipe. The
+    position is fewshot.train's (epoch, batch, step, and mid-epoch the generator and RNG states)."""
+    def refuse(e):
+        why = ("Pickled objects are refused, since loading them can run code" if isinstance(e, pickle.UnpicklingError)
+               else "Written by another version of nanoPETL, or damaged")
+        return vitlib.CheckpointError(f"{path}: not the resume file of this run ({vitlib.error_line(e)}). {why}: "
+                                      "delete it to start over")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         theirs = json.loads(state["recipe"])
-        tensors, opt_state, epoch = state["model"], state["optimizer"], state["epoch"]
     except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, TypeError, EOFError, OSError) as e:
-        why = ("Pickled objects are refused, since loading them can run code" if isinstance(e, pickle.UnpicklingError)
-               else "Written by another version of nanoPETL, or damaged")
-        raise vitlib.CheckpointError(f"{path}: not the resume file of this run ({vitlib.error_line(e)}). {why}: "
-                                     "delete it to start over") from None
+        raise refuse(e) from None
     if differ := [f"{k} {theirs.get(k)!r} there, {v!r} here" for k, v in wanted.items() if theirs.get(k) != v]:
         raise vitlib.CheckpointError(f"{path}: the resume file of another run ({'; '.join(differ)}): delete it to "
                                      "start over, or re-run with the flags that wrote it")
-    return tensors, opt_state, epoch + 1
+    try:
+        position = state["position"]
+        position["epoch"], position["batch"], position["step"]  # noqa: B018 (each must be there)
+        return state["model"], state["optimizer"], position
+    except (KeyError, TypeError) as e:
+        raise refuse(e) from None
 
 
 def pretrain(args, backbone=None, backbone_name="vit_synthetic"):
     """Train a module (or, with args.backbone, the embedded ViT itself) on the source; write the checkpoint."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     device = fewshot.pick_device(args.device)
-    task = source_task(args, backbone.img_size if backbone is not None else 32)
+    task = source_task(args, args.img_size or (backbone.img_size if backbone is not None else 32))
     backbone_hash = fewshot.weights_hash(backbone) if backbone is not None else None  # before LoRA wraps its layers
     torch.manual_seed(args.seed)  # the module's (or backbone's) initialisation
     if args.backbone:
@@ -122,28 +147,29 @@ def pretrain(args, backbone=None, backbone_name="vit_synthetic"):
     model.to(device)
     wanted = recipe(args, backbone_hash, getattr(model, "config", None))
     cfg = fewshot.Config(lr=args.lr, wd=args.wd, batch=args.batch, epochs=args.epochs, warmup=args.warmup,
-                         optimizer=args.optimizer, amp=args.amp, max_steps=0)
-    resume, start, opt_state = Path(str(args.out) + ".resume"), 0, None
+                         optimizer=args.optimizer, amp=args.amp, max_steps=args.max_steps or 0)
+    resume, start, opt_state = Path(str(args.out) + ".resume"), None, None
     if args.resume and resume.exists():
         tensors, opt_state, start = read_resume(resume, wanted)
         model.load_state_dict(tensors) if args.backbone else model.load_module_state_dict(tensors)
-        print(f"resuming {args.out} after epoch {start} of {args.epochs}")
+        print(f"resuming {args.out} at step {start['step']} (epoch {start['epoch'] + 1} of {args.epochs}, "
+              f"{start['batch']} batches into it)")
     elif args.resume:
         print(f"no resume file at {resume}: starting {args.out} from scratch")
 
-    def on_epoch(epoch, opt):
+    def on_save(position, opt):
         if rank == 0:
             tensors = model.state_dict() if args.backbone else model.module_state_dict()
-            state = dict(model=tensors, optimizer=opt.state_dict(), epoch=epoch, recipe=json.dumps(wanted))
+            state = dict(model=tensors, optimizer=opt.state_dict(), position=position, recipe=json.dumps(wanted))
             fewshot.atomic(lambda p: torch.save(state, p), resume)
 
     t0 = time.time()
     fewshot.train(model, task.train, task, cfg, device, seed=args.seed, desc=f"pre-training {Path(args.out).name}",
-                  start_epoch=start, opt_state=opt_state, on_epoch=on_epoch, distributed=True)
+                  start=start, opt_state=opt_state, on_save=on_save, save_every=args.save_every, distributed=True)
     acc = fewshot.evaluate(model, task.val, task, device)
     if rank == 0:
         meta = dict(recipe=wanted, source=task.name, source_classes=task.num_classes, epochs=args.epochs,
-                    source_top1=acc, seed=args.seed)
+                    max_steps=args.max_steps, source_top1=acc, seed=args.seed)
         if args.backbone:  # the header tells its whole story: the command that rebuilds it, its accuracy, its hash
             sd = {k: v.contiguous() for k, v in model.cpu().state_dict().items()}
             meta |= dict(preset="vit_synthetic", source=task.meta, source_top1=round(acc, 2), command=backbone_command(
@@ -154,7 +180,8 @@ def pretrain(args, backbone=None, backbone_name="vit_synthetic"):
             fewshot.save_module(model, args.out, meta | dict(method=args.method, config=model.config,
                                                              backbone=backbone_name, backbone_hash=backbone_hash))
         resume.unlink(missing_ok=True)
-        print(f"wrote {args.out}: source val top-1 {acc:.2f}% after {args.epochs} epochs, {time.time() - t0:.0f}s")
+        print(f"wrote {args.out}: source val top-1 {acc:.2f}% after {args.epochs} epochs"
+              f"{f' (at most {args.max_steps} steps)' * bool(args.max_steps)}, {time.time() - t0:.0f}s")
     return model
 
 # -----------------------------------------------------------------------------
@@ -213,7 +240,16 @@ def parser():
     ap.add_argument("--data-root", default=None, help="where --data lies on disk")
     ap.add_argument("--norm", default="imagenet", help="normalisation for data from disk: imagenet or inception")
     ap.add_argument("--per-class", type=int, default=None, help="embedded source: images per class drawn")
-    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--epochs", type=int, default=None, help="passes over the source (default: 3; imagenet: 10)")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps (the schedule "
+                                                               "spans them); default: no cap")
+    ap.add_argument("--save-every", type=int, default=None, help="write <out>.resume every N steps too, not only after "
+                                                                "each epoch (default: 0, epochs only; imagenet: 500)")
+    ap.add_argument("--img-size", type=int, default=None, help="input side (default: the backbone's), as in fewshot.py")
+    ap.add_argument("--workers", type=int, default=None, help="loader processes per rank for a source streamed from "
+                                                             "disk (default: its CPUs - 1, at most 8)")
+    ap.add_argument("--cache-gb", type=float, default=None, help="GB of decoded source images kept in memory; a "
+                                                                 "larger split streams (default: NANOPETL_MAX_GB, 8)")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--wd", type=float, default=None)
     ap.add_argument("--batch", type=int, default=None)
@@ -223,7 +259,8 @@ def parser():
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:<n> or mps")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     ap.add_argument("--out", default=None, help="checkpoint path (default: checkpoints/pvp_<method>_<backbone>.safetensors)")
-    ap.add_argument("--resume", action="store_true", help="continue from <out>.resume, written after every epoch")
+    ap.add_argument("--resume", action="store_true", help="continue from <out>.resume, written after every epoch and "
+                                                         "every --save-every steps")
     return ap
 
 
@@ -231,7 +268,8 @@ def parse(argv):
     """The flags, with what was left unset taken from BACKBONE or PVP."""
     args = parser().parse_args(argv)
     args.given = {k for k, v in vars(args).items() if v is not None}  # what the command line set
-    for k, v in (BACKBONE if args.backbone else PVP).items():
+    for k, v in {**(BACKBONE if args.backbone else PVP), "save_every": 0,
+                 **(IMAGENET if args.data == "imagenet" else {})}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.data = args.data or ("synthetic-backbone" if args.backbone else "synthetic")
@@ -241,13 +279,22 @@ def parse(argv):
 def check(args):
     """Refuse flags that cannot work before any time is spent: one fewshot.UsageError naming the flag."""
     need(not (args.backbone and args.weights), "--backbone trains the embedded ViT from scratch; it takes no --weights")
+    need(not (args.backbone and args.img_size), "--backbone trains the embedded ViT at 32 px; --img-size is for "
+         "pre-training a module on a backbone: drop it")
     need(args.method in fewshot.METHODS and args.method != "pvp", f"--method {args.method}: not a method to pre-train;"
          f" choose one of {', '.join(pretrainable(args))}")
     for flag in ("epochs", "batch", "per_class"):
         need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag, low in (("max_steps", 1), ("save_every", 0), ("workers", 0), ("cache_gb", 0), ("img_size", 1)):
+        need(getattr(args, flag) is None or getattr(args, flag) >= low, f"--{flag.replace('_', '-')} must be at least "
+             f"{low}, got {getattr(args, flag)}")
     for flag, low in (("prompts", 1), ("rank", 1), ("kv_prompts", 0)):
         need(getattr(args, flag) is None or getattr(args, flag) >= low,
              f"--{flag.replace('_', '-')} must be at least {low}, got {getattr(args, flag)}")
+    arch = "vit_synthetic" if args.weights is None else vitlib.PRETRAINED.get(args.weights, {}).get("preset", args.arch)
+    patch = getattr(vitlib.PRESETS[arch], "keywords", {}).get("patch_size") or 1
+    need(not args.img_size or args.img_size % patch == 0, f"--img-size {args.img_size} must be a multiple of {patch}, "
+         f"the patch size of {arch}")
     need(0 < args.lr <= 1e4, f"--lr must be a positive number, at most 10000, got {args.lr}")
     need(args.wd >= 0 and math.isfinite(args.wd), f"--wd must be a number >= 0, got {args.wd}")
     need(0 <= args.warmup <= 1, f"--warmup must be a fraction in [0, 1], got {args.warmup}")
@@ -323,7 +370,8 @@ def main(argv=None):
     check(args)
     rank, world, device = fewshot.init_distributed(args.device)  # under torchrun: DDP, one device per rank
     args.device = str(device)
-    backbone, name = (None, None) if args.backbone else fewshot.load_backbone(args.weights, args.arch)
+    backbone, name = (None, None) if args.backbone else fewshot.load_backbone(args.weights, args.arch,
+                                                                                        args.img_size)
     if args.out is None:  # checkpoints/vit_synthetic.safetensors, or e.g. checkpoints/pvp_vpt_ViT-B_16.safetensors
         stem = "vit_synthetic" if args.backbone else f"pvp_{args.method}_{Path(name.split(':')[-1]).stem}"
         args.out = str(fewshot.CHECKPOINTS / stem) + ".safetensors"
@@ -338,8 +386,8 @@ def main(argv=None):
         pretrain(args, backbone, name)
     except KeyboardInterrupt:
         resume = Path(str(args.out) + ".resume")
-        print("\ninterrupted: " + (f"{resume} holds the last finished epoch; run the same command with --resume to go "
-              "on" if resume.exists() else "no epoch had finished; run the same command again"), file=sys.stderr)
+        print("\ninterrupted: " + (f"{resume} holds the last checkpoint; run the same command with --resume to go "
+              "on" if resume.exists() else "no checkpoint had been written; run the same command again"), file=sys.stderr)
         return 130
     finally:
         if lock:
@@ -359,6 +407,6 @@ if __name__ == "__main__":
     except OSError as e:  # a full disk or a folder we may not write, while saving the checkpoint or its resume file
         out = parse(sys.argv[1:]).out
         resume = Path(f"{out}.resume") if out else None
-        fewshot.fail(fewshot.os_error_line(e, f"{resume} keeps the last finished epoch: fix it, then run the same "
+        fewshot.fail(fewshot.os_error_line(e, f"{resume} keeps the last checkpoint: fix it, then run the same "
                                               "command with --resume" if resume and resume.exists() else
                                               "No epoch had been saved"))

@@ -276,6 +276,13 @@ def torn_lines(w):
     return [line for line in (w.out / "results.jsonl").read_text().splitlines() if not line.startswith("{") or
             not line.endswith("}")]
 
+def one_shot_runs_kept(w, r):
+    """bad-image-in-a-stream: with --cache-gb 0 every split streams, so the image (cat/0.jpg: seed 0's 2-shot set
+    adds it to the 1-shot one, and holds out cat/1.jpg for val) is read only by the 2-shot runs; the 1-shot runs
+    finished before it and are kept."""
+    assert [(x["method"], x["shots"], x["status"]) for x in rows_of(w)] == [("linear", 1, "ok"), ("vpt", 1, "ok")]
+
+
 # -----------------------------------------------------------------------------
 # argv builders: the micro budget, with flags replaced (None drops a flag, True is a switch)
 
@@ -861,8 +868,8 @@ CASES = [
          ("NANOPETL_MAX_GB='8GB' is not a positive number",)),
     Case("max-gb-not-a-number-synthetic", None, fs(), 1, ("NANOPETL_MAX_GB='-3' is not a positive number",),
          env=dict(NANOPETL_MAX_GB="-3")),
-    Case("over-max-gb", lambda w: imagefolder(w) or w.mp.setenv("NANOPETL_MAX_GB", "1e-9"), fs(**IF), 1,
-         ("over NANOPETL_MAX_GB=1e-09", "--img-size", "raise NANOPETL_MAX_GB")),
+    Case("over-max-gb", lambda w: imagefolder(w) or w.mp.setenv("NANOPETL_MAX_GB", "1e-9"), fs(**IF), 0,  # streams
+         ("test 6 images", "streamed from disk", "(--cache-gb 1e-09 GB)", "saved:"), then=one_ok_run),  # (issue 13)
     Case("data-script-bad-flag", None, ["--bogus"], 2, ("unrecognized arguments: --bogus",), script="data.py"),
     Case("data-script-sheet-not-writable", not_writable, ["--sheet", "{ro}/sheet.png"], 1,
          ("cannot write the contact sheet {ro}/sheet.png (--sheet)", "choose another path"), script="data.py"),
@@ -885,6 +892,14 @@ CASES = [
     Case("vit-py-weights-with-inf", lambda w: edited(w, "inf", "norm.bias", lambda v: poisoned(v, inf=128)),
          ["--preset", "vit_synthetic", "--weights", "{tmp}/inf.safetensors"], 1,
          ("{tmp}/inf.safetensors", "norm.bias holds 0 NaN and 128 infinite"), script="vit.py"),
+    # --- streaming (issue 13) ---
+    Case("bad-image-in-a-stream", break_image("train/cat/0.jpg", "truncated"),
+         fs(**IF, method="linear,vpt", shots="1,2", cache_gb="0", workers="1"), 1,
+         ("cannot read image {data}/train/cat/0.jpg", "truncated", "replace it or drop it"), then=one_shot_runs_kept),
+    Case("shard-out-of-range", None, fs(shard="2/2"), 1, ("--shard 2/2", "0 <= i < n", "--shard 0/4")),
+    Case("workers-negative", None, fs(workers="-1"), 1, ("--workers must be 0", "got -1")),
+    Case("pretrain-save-every-negative", None, pp(save_every="-1"), 1, ("--save-every must be at least 0, got -1",),
+         script="pvp_pretrain.py"),
 ]
 
 
