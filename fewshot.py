@@ -557,6 +557,20 @@ class Progress:
         return shown
 
 
+GPU_KEPT = {}  # id of a kept split's images -> (that tensor, its copy on the GPU): made once per process
+
+
+def on_device(split, device, share=0.25):
+    """A split kept in memory, copied to the GPU once per process when it takes at most `share` of the free memory
+    there (every run of a sweep then evaluates it without a copy); else, or off CUDA, or streamed, as it is."""
+    if device.type != "cuda" or not isinstance(split, data.Split) or split.images.device.type == "cuda":
+        return split
+    key = id(split.images)
+    if key not in GPU_KEPT and split.images.nbytes <= share * torch.cuda.mem_get_info(device)[0]:
+        GPU_KEPT[key] = split.images, data.Split(split.images.to(device), split.labels.to(device))
+    return GPU_KEPT[key][1] if key in GPU_KEPT else split
+
+
 def autocast(device, amp):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
 
@@ -1241,6 +1255,7 @@ def main(argv=None):
                                    cache_gb=cfg.cache_gb, workers=cfg.workers)
             for task in tasks:
                 task.train_aug = cfg.aug or task.train_aug
+                task.val, task.test = on_device(task.val, device), on_device(task.test, device)
                 for m in methods:
                     identity = run_identity(m, task, cfg, backbone_hash, module if m == "pvp" else configs[m])
                     key, n = run_key(identity), n + 1
