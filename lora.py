@@ -95,13 +95,12 @@ class LoRA(nn.Module):
     def __init__(self, vit, *, num_classes, rank=8, alpha=None, targets=("q", "v"), dropout=0.0):
         super().__init__()
         targets, alpha = tuple(targets), rank if alpha is None else alpha  # alpha = rank: scale 1 (peft's default)
-        if not (isinstance(alpha, (int, float)) and 0 < alpha < math.inf and isinstance(dropout, (int, float))):
-            raise ValueError(f"LoRA needs a positive, finite alpha and a dropout in [0, 1); got {alpha!r}, {dropout!r}")
         if not targets or len(set(targets)) != len(targets) or not set(targets) <= set(self.TARGETS) or rank < 1 or \
                 ("qkv" in targets and set(targets) & {"q", "k", "v"}):
-            raise ValueError(f"LoRA needs rank >= 1 and distinct targets from {self.TARGETS} (qkv, the whole fused projection, "
-                             f"not with q, k or v); got rank={rank}, "
-                             f"targets={targets}")
+            raise ValueError(f"LoRA needs rank >= 1 and distinct targets from {self.TARGETS} (qkv, the whole fused "
+                             f"projection, not with q, k or v); got rank={rank}, targets={targets}")
+        if not (isinstance(alpha, (int, float)) and 0 < alpha < math.inf and isinstance(dropout, (int, float))):
+            raise ValueError(f"LoRA needs a positive, finite alpha and a dropout in [0, 1); got {alpha!r}, {dropout!r}")
         if any(isinstance(m, LoRALinear) for m in vit.modules()):
             raise ValueError("this ViT is already wrapped by a LoRA: build a fresh ViT for each LoRA")
         self.config = dict(rank=rank, alpha=alpha, targets=targets, dropout=dropout)

@@ -42,6 +42,7 @@ import math
 import os
 import pickle
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -358,8 +359,8 @@ def check_writable(out):
     """--out's folder exists (made if needed) and takes a file: found before training, not after."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fewshot.atomic(lambda p: Path(p).write_bytes(b""), out.parent / ".nanopetl-write-test")
-        (out.parent / ".nanopetl-write-test").unlink()
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".write-test"):
+            pass  # a name of its own: ranks under torchrun check at once
     except OSError as e:
         raise fewshot.UsageError(f"--out {out}: cannot write in {out.parent} ({e.strerror or e}): give a path in a "
                                  "folder you can write to") from None

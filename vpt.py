@@ -38,9 +38,9 @@ class VPT(nn.Module):
     def __init__(self, vit, *, num_classes, num_prompts=50, deep=True, dropout=None):
         super().__init__()
         dropout = (0.1 if deep else 0.0) if dropout is None else dropout  # the paper's / demo.ipynb's defaults
-        if not (isinstance(num_prompts, int) and num_prompts >= 1 and isinstance(dropout, (int, float)) and
-                0 <= dropout < 1):
-            raise ValueError(f"VPT needs num_prompts >= 1 and dropout in [0, 1); got {num_prompts!r}, {dropout!r}")
+        if not (isinstance(num_prompts, int) and num_prompts >= 0 and isinstance(dropout, (int, float)) and
+                0 <= dropout < 1):  # 0 prompts: the plain ViT (a check, not a method)
+            raise ValueError(f"VPT needs num_prompts >= 0 and dropout in [0, 1); got {num_prompts!r}, {dropout!r}")
         self.config = dict(num_prompts=num_prompts, deep=deep, dropout=dropout)
         self.name = "vpt" if deep else "vpt-shallow"
         self.vit = vit.requires_grad_(False).eval()

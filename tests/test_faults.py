@@ -818,7 +818,7 @@ CASES = [
     Case("opt-of-the-wrong-kind", None, fs(method="vpt", opt="deep=2"), 1,
          ("vpt's option deep is True or False", "got 2")),
     Case("opt-not-a-finite-number", None, fs(method="vpt", opt="dropout=nan"), 1, ("--method vpt", "dropout", "nan")),
-    Case("opt-out-of-range", None, fs(method="vpt", opt="num_prompts=0"), 1, ("--method vpt", "num_prompts >= 1")),
+    Case("opt-out-of-range", None, fs(method="vpt", opt="num_prompts=-1"), 1, ("--method vpt", "num_prompts >= 0")),
     Case("opt-lora-alpha-negative", None, fs(method="lora", opt="alpha=-1"), 1, ("--method lora", "alpha", "-1")),
     Case("opt-named-option-nobody-takes", None, fs(method="vpt", opt="rank=4"), 1, ("--opt rank", "none of --method vpt")),
     Case("method-list-with-an-empty-name", None, fs(method="vpt,,lora"), 1, ("--method 'vpt,,lora'", "empty name")),
