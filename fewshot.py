@@ -162,6 +162,18 @@ PRUNING = ("prune", "prune_tokens", "prune_segments", "prune_grid")  # in the ke
 NOAH = "ZhangYuanhan-AI/NOAH "  # few-shot: configs/{VPT,LoRA}/few-shot/slurm_train_*_few-shot.sh -> supernet_train_prompt.py
 VPT = "KMnP/vpt "
 E2VPT = "ChengHan111/E2VPT "
+VPT_SOLVER = {  # KMnP/vpt's training, which ChengHan111/E2VPT (a fork) keeps
+    "optimizer": ("sgd", VPT + "configs/base-prompt.yaml:14 (momentum 0.9, src/configs/config.py:91)"),
+    "lr_scale": (True, VPT + "tune_fgvc.py:31 (lr / 256 * batch)"),
+    "grid": (True, VPT + "tune_fgvc.py:72-90 (lr x wd, chosen on val)"),
+    "wd": (1e-4, VPT + "configs/base-prompt.yaml:16"),
+    "batch": (128, VPT + "configs/base-prompt.yaml:25"),
+    "epochs": (100, VPT + "configs/base-prompt.yaml:19"),
+    "warmup": (0.1, VPT + "configs/base-prompt.yaml:18 (10 of 100 epochs)"),
+    "schedule": ("epoch", VPT + "src/engine/trainer.py:221 (scheduler.step() per epoch), "
+                                "src/solver/lr_scheduler.py:56-64 (epoch 0 at lr 0)"),
+    "head_init": ("kaiming", VPT + "src/models/mlp.py:53-57, src/models/vit_models.py:164 (Kaiming-normal "
+                                   "fan_out, bias -log(99))")}
 RECIPES = {
     "nanopetl": {},  # Config's defaults: NOAH's optimiser and schedule without its augmentation (module docstring)
     "noah": {
@@ -188,32 +200,13 @@ RECIPES = {
                     NOAH + "supernet_train_prompt.py:207-208 (prompt and LoRA dropout 0.1); "
                            "model/supernet_vision_transformer_timm.py:224-228,277-281 (one A, one B over the fused "
                            "qkv, no scaling)")},
-    "vpt": {
-        "optimizer": ("sgd", VPT + "configs/base-prompt.yaml:14 (momentum 0.9, src/configs/config.py:91)"),
-        "lr_scale": (True, VPT + "tune_fgvc.py:31 (lr / 256 * batch)"),
-        "grid": (True, VPT + "tune_fgvc.py:72-90 (lr x wd, chosen on val)"),
-        "wd": (1e-4, VPT + "configs/base-prompt.yaml:16"),
-        "batch": (128, VPT + "configs/base-prompt.yaml:25"),
-        "epochs": (100, VPT + "configs/base-prompt.yaml:19"),
-        "warmup": (0.1, VPT + "configs/base-prompt.yaml:18 (10 of 100 epochs)"),
-        "schedule": ("epoch", VPT + "src/engine/trainer.py:221 (scheduler.step() per epoch), "
-                                    "src/solver/lr_scheduler.py:56-64 (epoch 0 at lr 0)"),
-        "head_init": ("kaiming", VPT + "src/models/mlp.py:53-57, src/models/vit_models.py:164 (Kaiming-normal "
-                                       "fan_out, bias -log(99))"),
-        "options": ({"vpt": dict(dropout=0.0)}, VPT + "src/configs/config.py:74 (PROMPT.DROPOUT 0.0)")},
-    "e2vpt": {  # a fork of KMnP/vpt: the same solver, E2VPT's prompt settings and its pruning
-        "optimizer": ("sgd", E2VPT + "configs/base-prompt.yaml:14"),
-        "lr_scale": (True, E2VPT + "tune_fgvc.py (lr / 256 * batch, as KMnP/vpt)"),
-        "grid": (True, E2VPT + "tune_fgvc.py (lr x wd, chosen on val, as KMnP/vpt)"),
-        "wd": (1e-4, VPT + "configs/base-prompt.yaml:16"),
-        "batch": (64, E2VPT + "configs/base-prompt.yaml:25"),
-        "epochs": (100, E2VPT + "configs/base-prompt.yaml:19"),
-        "warmup": (0.1, E2VPT + "configs/base-prompt.yaml:18"),
-        "schedule": ("epoch", VPT + "src/engine/trainer.py:221"),
-        "head_init": ("kaiming", VPT + "src/models/mlp.py:53-57"),
-        "prune": ("official", E2VPT + "src/configs/config.py:192-202 (mask percents 10-90, at least 1 token and 4 "
-                                      "pieces), src/engine/trainer.py:359-470 (signed gradient scores)"),
-        "options": ({"e2vpt": dict(dropout=0.0)}, E2VPT + "src/configs/config.py:185 (P_VK.DROPOUT 0.0)")},
+    "vpt": {**VPT_SOLVER,
+            "options": ({"vpt": dict(dropout=0.0)}, VPT + "src/configs/config.py:74 (PROMPT.DROPOUT 0.0)")},
+    "e2vpt": {**VPT_SOLVER,  # a fork of KMnP/vpt: its solver, E2VPT's batch, prompt settings and pruning
+              "batch": (64, E2VPT + "configs/base-prompt.yaml:25"),
+              "prune": ("official", E2VPT + "src/configs/config.py:192-202 (mask percents 10-90, at least 1 token "
+                                            "and 4 pieces), src/engine/trainer.py:359-470 (signed gradient scores)"),
+              "options": ({"e2vpt": dict(dropout=0.0)}, E2VPT + "src/configs/config.py:185 (P_VK.DROPOUT 0.0)")},
 }
 
 
