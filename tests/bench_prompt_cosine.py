@@ -18,7 +18,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import fewshot  # noqa: E402
-import pvp_pretrain  # noqa: E402
 import vit as vitlib  # noqa: E402
 import vpt  # noqa: E402
 
@@ -38,8 +37,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     backbone, name = fewshot.load_backbone(args.weights, "vit_synthetic")
-    pvp_init = args.pvp_init or pvp_pretrain.embedded_pvp(backbone)
-    print(f"backbone {name} (weights {pvp_pretrain.weights_hash(backbone)}), PVP prompts {pvp_init}")
+    pvp_init = args.pvp_init or fewshot.embedded_pvp(backbone)
+    print(f"backbone {name} (weights {fewshot.weights_hash(backbone)}), PVP prompts {pvp_init}")
     print("| task | test images | random VPT-deep prompts | PVP pre-trained prompts |\n|---|---|---|---|")
     rows = {"random": [], "pvp": []}
     for t in args.tasks.split(","):
@@ -51,7 +50,7 @@ def main():
         for s in map(int, args.seeds.split(",")):
             torch.manual_seed(s)  # as fewshot.fit seeds a run before building its method
             random.append(cos(vpt.VPT(backbone, num_classes=task.num_classes, num_prompts=args.prompts, deep=True)))
-        random, pvp = torch.stack(random), cos(pvp_pretrain.load_module(pvp_init, backbone, task.num_classes))
+        random, pvp = torch.stack(random), cos(fewshot.pvp(backbone, num_classes=task.num_classes, checkpoint=pvp_init))
         rows["random"].append(random.mean()), rows["pvp"].append(pvp.mean())
         print(f"| {t} | {len(x)} | {random.mean():.3f} (images 5-95%: {random.quantile(.05):.3f}-"
               f"{random.quantile(.95):.3f}; seeds {' '.join(f'{r:.3f}' for r in random.mean(1))}) | {pvp.mean():.3f} "
