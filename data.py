@@ -49,9 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.io
 from PIL import Image, ImageOps
-from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
@@ -66,7 +64,8 @@ VTAB_TASKS = {  # folder -> classes: the 19 tasks of VTAB-1k (Zhai et al. 2019, 
     "clevr_dist": 6, "dmlab": 6, "kitti": 4, "dsprites_loc": 16, "dsprites_ori": 16, "smallnorb_azi": 18,
     "smallnorb_ele": 9}
 NORMS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "inception": ((0.5,) * 3, (0.5,) * 3)}
-BILINEAR, BICUBIC = InterpolationMode.BILINEAR, InterpolationMode.BICUBIC
+BILINEAR, BICUBIC = "bilinear", "bicubic"  # torchvision's InterpolationMode values (torchvision is imported
+# where it is used: its import costs seconds, and the embedded world never needs it)
 PROTOCOLS = {  # name: (resize, side at img_size 224, interpolation, train augmentation); then a centre crop of img_size
     "fgvc": ("shorter", 256, BILINEAR, "crop_flip"),  # VPT: Resize(256) -> RandomCrop(224) + flip / CenterCrop
     "vtab": ("square", 224, BICUBIC, "none"),  # NOAH and VPT on VTAB: Resize((224, 224)), no augmentation
@@ -573,6 +572,7 @@ def decode(path):
                 (w, h), limit = im.size, Image.MAX_IMAGE_PIXELS
                 fast = im.format == "JPEG" and im.mode in ("RGB", "L") and not (limit and w * h > limit) and \
                     max(w, h) <= MAX_ASPECT * min(w, h)
+            import torchvision.io
             if fast and hasattr(torchvision.io, "decode_jpeg"):  # deprecated in torchvision 0.29 for TorchCodec
                 return torchvision.io.decode_jpeg(torchvision.io.read_file(path), mode=torchvision.io.ImageReadMode.RGB,
                                                   apply_exif_orientation=True)  # (3, H, W)
@@ -586,7 +586,9 @@ def resize_crop(resize, side, interpolation, crop):
     used before it streamed): at most 1 level in 255 apart, 0.002-0.004 on average (bilinear, bicubic; 500x375 JPEG).
     The random crop + flip of training stays on the batch (augment), drawn from a generator the caller seeds: v2's
     random transforms draw from the global RNG, which loader workers and a resumed run do not replay."""
-    return v2.Compose([v2.Resize(side if resize == "shorter" else [side, side], interpolation, antialias=True),
+    from torchvision.transforms import v2
+    how = v2.InterpolationMode(interpolation)  # "bilinear", "bicubic" (or the enum itself)
+    return v2.Compose([v2.Resize(side if resize == "shorter" else [side, side], how, antialias=True),
                        v2.CenterCrop(crop)])
 
 def _decode(items, resize, side, interpolation, crop, desc):
