@@ -65,7 +65,7 @@ VTAB_TASKS = {  # folder -> classes: the 19 tasks of VTAB-1k (Zhai et al. 2019, 
     "smallnorb_ele": 9}
 NORMS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "inception": ((0.5,) * 3, (0.5,) * 3)}
 BILINEAR, BICUBIC = "bilinear", "bicubic"  # torchvision's InterpolationMode values (torchvision is imported
-# where it is used: its import costs seconds, and the embedded world never needs it)
+# where it is used: its import costs over a second, and the embedded world never needs it)
 PROTOCOLS = {  # name: (resize, side at img_size 224, interpolation, train augmentation); then a centre crop of img_size
     "fgvc": ("shorter", 256, BILINEAR, "crop_flip"),  # VPT: Resize(256) -> RandomCrop(224) + flip / CenterCrop
     "vtab": ("square", 224, BICUBIC, "none"),  # NOAH and VPT on VTAB: Resize((224, 224)), no augmentation

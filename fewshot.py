@@ -588,7 +588,7 @@ def mixer(cfg, num_classes):
     switch prob 0.5, as NOAH), or None."""
     if not (cfg.mixup or cfg.cutmix):
         return None
-    from torchvision.transforms import v2  # here: its import costs a second, and most runs mix nothing
+    from torchvision.transforms import v2  # here: its import costs over a second, and most runs mix nothing
     mixes = [m(alpha=a, num_classes=num_classes) for m, a in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix)) if a > 0]
     return None if not mixes else mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
@@ -1206,7 +1206,7 @@ def check_options(cfg, methods, arch):
         for k, v in method_options(m, cfg).items():
             check_type(m, k, v, options_of(METHODS[m])[k])
     configs = {}
-    if not builders:  # pvp alone: its options are its checkpoint's (and a first meta build costs a second or two)
+    if not builders:  # pvp alone: its options are its checkpoint's (and a first meta build costs about a second)
         return configs
     with torch.device("meta"):  # no memory, no weights: the constructors check their own arguments
         skeleton = vitlib.PRESETS[arch](num_classes=0, **({"img_size": cfg.img_size} if cfg.img_size else {}))

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import fewshot  # noqa: E402
-import vit as vitlib  # noqa: E402
 import vpt  # noqa: E402
 
 

@@ -65,3 +65,20 @@ def test_the_build_command_runs_at_micro_scale(tmp_path):
     assert meta["recipe"] | dict(per_class=2, epochs=1, batch=64, lr=0.002, seed=3) == meta["recipe"]
     assert meta["command"].startswith("python pvp_pretrain.py --backbone --per-class 2 --epochs 1 --lr 0.002 ")
     assert meta["source"]["per_class"] == 2 and 0 <= meta["source_top1"] <= 100
+
+
+def test_the_prompt_cosine_script_runs_on_it(tmp_path):
+    """tests/bench_prompt_cosine.py (PVP's mechanism, README) on the shipped backbone, with a micro PVP module: with 0
+    random prompts VPT is the plain ViT, so its cosine to the unprompted feature must print as 1.000."""
+    module = tmp_path / "pvp.safetensors"
+    r = subprocess.run([sys.executable, "pvp_pretrain.py", "--weights", str(fewshot.SHIPPED_BACKBONE), "--arch",
+                        "vit_synthetic", "--per-class", "1", "--epochs", "1", "--out", str(module)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "tests/bench_prompt_cosine.py", "--tasks", "shape", "--seeds", "0",
+                        "--prompts", "0", "--pvp-init", str(module)], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    [row] = [line for line in r.stdout.splitlines() if line.startswith("| shape |")]
+    cells = row.split("|")
+    assert cells[3].strip().startswith("1.000 ") and -1 <= float(cells[4].split()[0]) <= 1
