@@ -6,6 +6,7 @@ people already have, deterministic k-shot sampling, and the transforms as named 
     [task] = load_task("vtab1k", "data/vtab-1k", vtab_task="cifar")   # train800val200 -> test (NOAH's VTAB-1k lists)
     x = normalize(augment(task.train.images[i], task.train_aug), task.mean, task.std)   # per batch, any device
 run: python data.py --sheet assets/synthetic_world.png   (each set's sizes, and a contact sheet of the world)
+In this file: k-shot sampling and load_task, the per-batch transforms, the embedded world; then reading at scale.
 
 The world: 32x32 RGB, each image a pure function of (set, split, class, index, world seed) through a counter-based
 hash, never of the batch it is drawn in. A class fixes some attributes and draws the others per image; every image
@@ -100,7 +101,7 @@ class Task:
     meta: dict = field(default_factory=dict)  # what to save with results: source, protocol, split sizes, classes
 
 # -----------------------------------------------------------------------------
-# k-shot sampling and the per-batch transforms
+# k-shot sampling, and load_task: one entry point for every dataset
 
 def _per_class(labels, num_classes, seed, count, tail=False):
     """count(n) images of each class of n, from the head (tail) of an order seeded by (class, seed) alone."""
@@ -123,6 +124,85 @@ def few_shot(labels, shots, seed, names=None):
         raise DataError(f"class {c}{f' ({names[c]})' if names else ''} has {counts[c]} training images, fewer than "
                         f"shots={shots}: use fewer shots or give that class more images")
     return _per_class(labels, len(counts), seed, lambda n: shots)
+
+def _support_set(name, found, names, shots, seed, test_per_class):
+    """The k-shot draw on a dataset's index (_index): (train, val, test) as [(path, label)]. train: few_shot's
+    support set (the whole split for shots None; noah-fewshot's list as it is); val: the official one, else held out
+    from train; test: the whole split, or test_per_class images of each class (a seeded pick)."""
+    train, val, test = found["train"], found.get("val"), found["test"]
+    labels = torch.tensor([label for _, label in train], dtype=torch.long)
+    keep = torch.arange(len(train)) if shots is None or name == "noah-fewshot" else few_shot(labels, shots, seed, names)
+    if val is None:  # held out: the tail of each class's seeded order, whose head few_shot takes
+        held = _per_class(labels, len(names), seed, lambda n: min(20, max(1, n // 10), n - (shots or 1)), tail=True)
+        val, keep = [train[i] for i in held], keep[~torch.isin(keep, held)]
+        if not val:  # no accuracy to measure on an empty split
+            raise DataError(f"{name}: val would be empty: shots={shots or 'all'} takes every training image of each "
+                            f"class into the support set; use fewer shots, or add an official val split")
+    train = [train[i] for i in keep.tolist()]
+    if test_per_class:
+        t = torch.tensor([label for _, label in test], dtype=torch.long)
+        test = [test[i] for i in _per_class(t, len(names), seed, lambda n: test_per_class).tolist()]
+    return train, val, test
+
+def load_task(name="synthetic", root=None, *, shots=None, seed=0, img_size=None, norm=None, protocol=None,
+              vtab_task=None, vtab_stage="final", world_seed=0, download=False, test_per_class=None, cache_gb=None,
+              workers=None):
+    """A list of Task: the five embedded ones for "synthetic" ("synthetic:<task>" for one), else one read from root.
+    shots: None or "all" for the whole training split; K for few_shot(labels, K, seed), or for noah-fewshot the list
+    of (K, seed). img_size: None = 32 for the world, 224 for real data. norm: "imagenet" or "inception" (None =
+    inception for the world, imagenet for real data as in VPT). protocol: None = vtab for vtab1k, noah-fewshot for
+    its lists, fgvc otherwise. With no official val split, val is the seeded tail of each class of train (~10%, 1
+    to 20 images; few_shot takes the head). vtab1k: vtab_task ("vtab1k:<task>" also works) and vtab_stage (_vtab).
+    Data on disk: the splits whose uint8 images fit cache_gb (default NANOPETL_MAX_GB, max_gb), smallest first, are
+    decoded once and kept (Split; val and test memoised for a sweep); the others are a Stream read by `workers`
+    loader processes (default_workers()). The choice (_keep_or_stream) is printed, once per process."""
+    name, sub, norm, protocol, shots = _options(name, norm, protocol, shots)
+    if name == "synthetic":
+        names = [sub] if sub else SYNTHETIC_TASKS
+        return [_synthetic_task(t, shots, seed, img_size or 32, norm, world_seed) for t in names]
+    if root is None:
+        raise DataError(f"{name} reads from disk: give its root (--data-root), laid out as {LAYOUTS[name]}")
+    root, size = Path(root), img_size or 224
+    found, names = _index(name, root, shots, seed, vtab_task or sub, vtab_stage, download)  # read the index
+    train, val, test = _support_set(name, found, names, shots, seed, test_per_class)  # draw the k-shot support set
+    splits = _keep_or_stream(name, train, val, test, protocol, size, cache_gb, workers)  # keep each, or stream it
+    meta = dict(dataset=name, root=str(root), protocol=protocol, norm=norm, shots=shots, seed=seed,
+                val="official" if "val" in found else "held out from train", test_per_class=test_per_class,
+                sizes=dict(zip(("train", "val", "test"), map(len, splits))), classes=names, **found.get("meta", {}),
+                fingerprint=fingerprint(root, [train, val, test], names))
+    return [Task(f"vtab1k:{vtab_task or sub}" if name == "vtab1k" else name, len(names), *splits, size,
+                 *NORMS[norm], PROTOCOLS[protocol][3], meta)]
+
+def _options(name, norm, protocol, shots):
+    """load_task's options checked, and their defaults filled in: (name, sub, norm, protocol, shots)."""
+    name, _, sub = name.partition(":")
+    norm = norm or ("inception" if name == "synthetic" else "imagenet")
+    protocol = protocol or {"vtab1k": "vtab", "noah-fewshot": "noah-fewshot"}.get(name, "fgvc")
+    for what, value, valid in (("dataset", name, DATASETS), ("normalisation", norm, NORMS),
+                               ("protocol", protocol, PROTOCOLS), ("synthetic task", sub or "shape", SYNTHETIC_TASKS)):
+        if value not in valid and (what != "synthetic task" or name == "synthetic"):
+            raise DataError(f"unknown {what} {value!r}: choose one of {', '.join(valid)}")
+    if shots not in (None, "all") and not (str(shots).isdigit() and int(shots) > 0):
+        raise DataError(f"shots must be a positive integer or 'all', got {shots!r}")
+    shots = None if shots in (None, "all") else int(shots)
+    return name, sub, norm, protocol, shots
+
+def fingerprint(root, splits, names=()):
+    """A short hash of what a task read: for files, each split's (path relative to root, label) and the class
+    names; for rendered splits, their pixels and labels (so a change to the renderer is a new task)."""
+    h = hashlib.sha1(json.dumps(list(names)).encode())
+    for s in splits:
+        if isinstance(s, Split):
+            h.update(s.images.contiguous().numpy().tobytes()), h.update(s.labels.numpy().tobytes())
+        else:  # json.dumps of the whole list, item by item: no copy of a 1.28M-image index as one string
+            h.update(b"[")
+            for i, (p, y) in enumerate(s):
+                h.update((", " * (i > 0) + json.dumps((os.path.relpath(p, root), y))).encode())
+            h.update(b"]")
+    return h.hexdigest()[:16]
+
+# -----------------------------------------------------------------------------
+# the per-batch transforms
 
 def normalize(images, mean, std):
     """uint8 (0..255) or float (0..1) images -> float (x - mean) / std per channel, on the images' device."""
@@ -187,7 +267,8 @@ WORLD = {  # set: (attributes crossed into classes, attributes drawn per image; 
     "colour": (dict(colours=[(h, (h + d) % 12) for d in (4, 6) for h in range(1, 12, 2)]),
                dict(shape=(5,), pattern=(3,), size=(0, 2))),
     "species": (dict(shape=(4, 5), pattern=(1, 2, 3), size=(0, 2)), dict(colours=((7, 11),))),
-    "model": (dict(size=(0, 1, 2), colours=((1, 7), (3, 9), (5, 11), (9, 5))), dict(shape=(2,), aspect=(1,), pattern=(1,))),
+    "model": (dict(size=(0, 1, 2), colours=((1, 7), (3, 9), (5, 11), (9, 5))),
+              dict(shape=(2,), aspect=(1,), pattern=(1,))),
 }
 POOLS = dict(train=32, val=16, test=40)  # images per class in each split of a task
 _XY = torch.arange(32) + 0.5 - 16  # pixel centres, origin at the image centre
@@ -306,8 +387,33 @@ def _world_pools(name, world_seed):  # a task's three pools, rendered once per p
     world = SyntheticSet(name, world_seed)
     return world, {split: world.split(split, n) for split, n in POOLS.items()}
 
+def _synthetic_task(name, shots, seed, img_size, norm, world_seed):
+    world, pools = _world_pools(name, world_seed)
+    train = pools["train"] if shots is None else pools["train"].subset(few_shot(pools["train"].labels, shots, seed))
+    splits = [train, pools["val"], pools["test"]]
+    if img_size != 32:  # e.g. for a 224 px backbone: bilinear, as a resize of the real data would be
+        splits = [Split(F.interpolate(s.images.float(), size=img_size, mode="bilinear", antialias=True)
+                        .round().clamp(0, 255).byte(), s.labels) for s in splits]
+    meta = dict(dataset="synthetic", task=name, world_seed=world_seed, shots=shots, seed=seed, norm=norm,
+                sizes=dict(zip(("train", "val", "test"), map(len, splits))), fingerprint=fingerprint(None, splits),
+                classes=[world.describe(c) for c in range(world.num_classes)])
+    return Task(f"synthetic:{name}", world.num_classes, *splits, img_size, *NORMS[norm], "none", meta)
+
+def contact_sheet(path, classes=6, per_class=2, world_seed=0):
+    """A PNG, a row per set of WORLD: `per_class` images of `classes` of its classes (a seeded pick), twice the size."""
+    from torchvision.utils import make_grid, save_image
+    rows = []
+    for name in WORLD:
+        world = SyntheticSet(name, world_seed)
+        cs = torch.randperm(world.num_classes, generator=torch.Generator().manual_seed(0))[:classes].sort().values
+        rows.append(world.render(cs.repeat_interleave(per_class), torch.arange(per_class).repeat(classes)))
+    big = torch.cat(rows).repeat_interleave(2, -1).repeat_interleave(2, -2)  # (7 * classes * per_class, 3, 64, 64)
+    grid = make_grid(big, nrow=classes * per_class, pad_value=255)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid / 255, path)
+
 # -----------------------------------------------------------------------------
-# real data: each layout read into {train, val (when it has one), test: [(path, label)], names}, decoded once
+# reading at scale: the real layouts, decoding, streaming, and the memory budget
 
 LAYOUTS = {  # what load_task expects under root, for the message when something is missing
     "flowers102": "flowers-102/{jpg/image_00001.jpg, imagelabels.mat, setid.mat}",
@@ -408,8 +514,9 @@ def _torchvision_layout(name, root):
                 test=read(base / "cars_test_annos_withlabels.mat", "cars_test"))
 
 def _noah(root, shots, seed):
-    """NOAH/CoOp few-shot lists (ZhangYuanhan-AI/NOAH, data/few-shot/<dataset>/annotations). The Oxford-Pets 1-shot lists name each image twice: we keep one
-    copy, which changes only the epoch length, since every image of such a list is doubled alike."""
+    """NOAH/CoOp few-shot lists (ZhangYuanhan-AI/NOAH, data/few-shot/<dataset>/annotations). The Oxford-Pets 1-shot
+    lists name each image twice: we keep one copy, which changes only the epoch length, since every image of such a
+    list is doubled alike."""
     if shots is None:
         raise DataError("noah-fewshot reads the list of (shots, seed): give shots (1, 2, 4, 8 or 16) and seed (0-2)")
     ann, base = root / "annotations", root if "stanford_cars" in str(root) else root / "images"  # NOAH's rule
@@ -426,8 +533,8 @@ def _vtab(root, task, shots, stage):
     """VTAB-1k txt lists. Stage "final" (with all shots) trains on train800val200, so val200 lies inside train there:
     choose hyper-parameters in stage "search" (train800, then val200), then report the final stage's test."""
     if task not in VTAB_TASKS or stage not in ("final", "search"):
-        raise DataError(f"vtab1k needs vtab_task (fewshot.py --vtab-task) in {', '.join(VTAB_TASKS)} and vtab_stage 'final' or "
-                        f"'search'; got {task!r}, {stage!r}")
+        raise DataError(f"vtab1k needs vtab_task (fewshot.py --vtab-task) in {', '.join(VTAB_TASKS)} and vtab_stage "
+                        f"'final' or 'search'; got {task!r}, {stage!r}")
     base, C = root / task, VTAB_TASKS[task]
     train = "train800val200" if shots is None and stage == "final" else "train800"
     return dict(train=_list(base / f"{train}.txt", base, C), val=_list(base / "val200.txt", base, C),
@@ -503,8 +610,9 @@ def _read(name, root, shots, seed, task, stage, download):
                 if name == "vtab1k" else _fgvc_json(root) if name == "fgvc-json" else _imagefolder(root, name)
                 if name in ("imagefolder", "imagenet") else _torchvision_layout(name, root))
     except FileNotFoundError as e:
-        hint = " Or pass download=True. (fewshot.py --download)" if name in TORCHVISION else " torchvision's StanfordCars download is gone " \
-            "(pytorch/vision#7545): get the files by hand, e.g. from a Kaggle mirror." if name == "cars" else ""
+        hint = " Or pass download=True. (fewshot.py --download)" if name in TORCHVISION else (
+            " torchvision's StanfordCars download is gone (pytorch/vision#7545): get the files by hand, e.g. from a "
+            "Kaggle mirror." if name == "cars" else "")
         raise DataError(f"{name}: {e.filename} not found. Expected under {root}: {LAYOUTS[name]}.{hint}") from None
     except OSError as e:  # a folder or file we may not read, or a file where a folder belongs
         raise DataError(f"{name}: cannot read {e.filename or root}: {e.strerror or e}; check it and its permissions") \
@@ -512,6 +620,20 @@ def _read(name, root, shots, seed, task, stage, download):
     except (ValueError, KeyError, IndexError, TypeError) as e:  # a field missing, or not a number where one belongs
         raise DataError(f"{name}: an annotation file under {root} does not read ({type(e).__name__}: {e}); compare it "
                         f"with the layout: {LAYOUTS[name]}") from None
+
+def _index(name, root, shots, seed, task, stage, download):
+    """A dataset's index (_read: {train, val when it has one, test: [(path, label)], names, meta}), checked: train
+    and test not empty, every label one of the names; -> (index, names)."""
+    found = _read(name, root, shots, seed, task, stage, download)
+    train, val, test = found["train"], found.get("val"), found["test"]
+    for s, items in (("train", train), ("test", test)):
+        if not items:
+            raise DataError(f"{name}: the {s} split under {root} is empty; expected {LAYOUTS[name]}")
+    names = found.get("names") or [str(c) for c in range(1 + max(label for _, label in train + test))]
+    if bad := next(((p, y) for p, y in train + (val or []) + test if not 0 <= y < len(names)), None):
+        raise DataError(f"{name}: {bad[0]} gets label {bad[1]}, outside 0..{len(names) - 1} (class ids that count "
+                        f"from 1 in the annotation become 0-based): fix its annotation under {root}")
+    return found, names
 
 MAX_ASPECT = 100  # one side over 100x the other: a strip, not a picture (Resize(256) would make it 25,600+ px long)
 
@@ -582,8 +704,8 @@ def decode(path):
 
 def resize_crop(resize, side, interpolation, crop):
     """The fixed part of a protocol (PROTOCOLS), as torchvision.transforms.v2 on uint8 (3, H, W): Resize(side) of the
-    shorter side or Resize((side, side)), antialiased, then CenterCrop(crop). Against PIL's resize (what data.py
-    used before it streamed): at most 1 level in 255 apart, 0.002-0.004 on average (bilinear, bicubic; 500x375 JPEG).
+    shorter side or Resize((side, side)), antialiased, then CenterCrop(crop). Against PIL's resize: at most 1 level
+    in 255 apart, 0.002-0.004 on average (bilinear, bicubic; 500x375 JPEG).
     The random crop + flip of training stays on the batch (augment), drawn from a generator the caller seeds: v2's
     random transforms draw from the global RNG, which loader workers and a resumed run do not replay."""
     from torchvision.transforms import v2
@@ -703,9 +825,6 @@ def _say(line):  # once per process: a sweep loads the same splits for every sho
         _SAID.add(line)
         tqdm.write(line)
 
-# -----------------------------------------------------------------------------
-# load_task: one entry point for every dataset
-
 def max_gb():
     """NANOPETL_MAX_GB (default 8, inf for no limit): the GB of decoded uint8 images load_task keeps in memory when
     no cache_gb is given (--cache-gb); splits past it stream. A value that is not a positive number is a DataError
@@ -720,55 +839,11 @@ def max_gb():
                         f"or unset it")
     return limit
 
-def load_task(name="synthetic", root=None, *, shots=None, seed=0, img_size=None, norm=None, protocol=None,
-              vtab_task=None, vtab_stage="final", world_seed=0, download=False, test_per_class=None, cache_gb=None,
-              workers=None):
-    """A list of Task: the five embedded ones for "synthetic" ("synthetic:<task>" for one), else one read from root.
-    shots: None or "all" for the whole training split; K for few_shot(labels, K, seed), or for noah-fewshot the list
-    of (K, seed). img_size: None = 32 for the world, 224 for real data. norm: "imagenet" or "inception" (None =
-    inception for the world, imagenet for real data as in VPT). protocol: None = vtab for vtab1k, noah-fewshot for
-    its lists, fgvc otherwise. With no official val split, val is the seeded tail of each class of train (~10%, 1
-    to 20 images; few_shot takes the head). vtab1k: vtab_task ("vtab1k:<task>" also works) and vtab_stage (_vtab).
-    Data on disk: the splits whose uint8 images fit cache_gb (default NANOPETL_MAX_GB, max_gb), smallest first, are
-    decoded once and kept (Split; val and test memoised for a sweep); the others are a Stream read by `workers`
-    loader processes (default_workers()). The choice is printed, once per process."""
-    name, _, sub = name.partition(":")
-    norm = norm or ("inception" if name == "synthetic" else "imagenet")
-    protocol = protocol or {"vtab1k": "vtab", "noah-fewshot": "noah-fewshot"}.get(name, "fgvc")
-    for what, value, valid in (("dataset", name, DATASETS), ("normalisation", norm, NORMS),
-                               ("protocol", protocol, PROTOCOLS), ("synthetic task", sub or "shape", SYNTHETIC_TASKS)):
-        if value not in valid and (what != "synthetic task" or name == "synthetic"):
-            raise DataError(f"unknown {what} {value!r}: choose one of {', '.join(valid)}")
-    if shots not in (None, "all") and not (str(shots).isdigit() and int(shots) > 0):
-        raise DataError(f"shots must be a positive integer or 'all', got {shots!r}")
-    shots = None if shots in (None, "all") else int(shots)
-    if name == "synthetic":
-        names = [sub] if sub else SYNTHETIC_TASKS
-        return [_synthetic_task(t, shots, seed, img_size or 32, norm, world_seed) for t in names]
-    if root is None:
-        raise DataError(f"{name} reads from disk: give its root (--data-root), laid out as {LAYOUTS[name]}")
-    root, size = Path(root), img_size or 224
-    found = _read(name, root, shots, seed, vtab_task or sub, vtab_stage, download)
-    train, val, test = found["train"], found.get("val"), found["test"]
-    for s, items in (("train", train), ("test", test)):
-        if not items:
-            raise DataError(f"{name}: the {s} split under {root} is empty; expected {LAYOUTS[name]}")
-    names = found.get("names") or [str(c) for c in range(1 + max(label for _, label in train + test))]
-    if bad := next(((p, y) for p, y in train + (val or []) + test if not 0 <= y < len(names)), None):
-        raise DataError(f"{name}: {bad[0]} gets label {bad[1]}, outside 0..{len(names) - 1} (class ids that count "
-                        f"from 1 in the annotation become 0-based): fix its annotation under {root}")
-    labels = torch.tensor([label for _, label in train], dtype=torch.long)
-    keep = torch.arange(len(train)) if shots is None or name == "noah-fewshot" else few_shot(labels, shots, seed, names)
-    if val is None:  # held out: the tail of each class's seeded order, whose head few_shot takes
-        held = _per_class(labels, len(names), seed, lambda n: min(20, max(1, n // 10), n - (shots or 1)), tail=True)
-        val, keep = [train[i] for i in held], keep[~torch.isin(keep, held)]
-        if not val:  # no accuracy to measure on an empty split
-            raise DataError(f"{name}: val would be empty: shots={shots or 'all'} takes every training image of each "
-                            f"class into the support set; use fewer shots, or add an official val split")
-    train = [train[i] for i in keep.tolist()]
-    if test_per_class:
-        t = torch.tensor([label for _, label in test], dtype=torch.long)
-        test = [test[i] for i in _per_class(t, len(names), seed, lambda n: test_per_class).tolist()]
+def _keep_or_stream(name, train, val, test, protocol, size, cache_gb, workers):
+    """train, val, test as [(path, label)] -> [Split or Stream of each], brought to `size` by `protocol`: the splits
+    whose uint8 images fit cache_gb (default NANOPETL_MAX_GB, max_gb), smallest first, are decoded once and kept (val
+    and test memoised for a sweep); the others stream through `workers` loader processes (default_workers()). The
+    choice is printed, once per process."""
     resize, side, interpolation, train_aug = PROTOCOLS[protocol]
     side = round(side * size / 224)
     plan = (("train", train, side if train_aug == "crop_flip" else size), ("val", val, size), ("test", test, size))
@@ -781,58 +856,12 @@ def load_task(name="synthetic", root=None, *, shots=None, seed=0, img_size=None,
     _say(f"{name}: " + "; ".join(f"{s} {len(items):,} images ({3 * len(items) * crop**2 / 1e9:.2g} GB as uint8) " + (
         "decoded once, kept in memory" if s in kept else f"streamed from disk by {workers} loader workers")
         for s, items, crop in plan) + f" (--cache-gb {budget:g} GB)")
-    splits = [(_decode(items, resize, side, interpolation, crop, f"{name} {s}") if s == "train" else
-               _decoded(tuple(items), resize, side, interpolation, crop, f"{name} {s}")) if s in kept else
-              Stream(items, resize, side, interpolation, crop, workers) if s == "train" else
-              _streamed(tuple(items), resize, side, interpolation, crop, workers) for s, items, crop in plan]
-    meta = dict(dataset=name, root=str(root), protocol=protocol, norm=norm, shots=shots, seed=seed,
-                val="official" if "val" in found else "held out from train", test_per_class=test_per_class,
-                sizes=dict(zip(("train", "val", "test"), map(len, splits))), classes=names, **found.get("meta", {}),
-                fingerprint=fingerprint(root, [train, val, test], names))
-    return [Task(f"vtab1k:{vtab_task or sub}" if name == "vtab1k" else name, len(names), *splits, size,
-                 *NORMS[norm], train_aug, meta)]
+    return [(_decode(items, resize, side, interpolation, crop, f"{name} {s}") if s == "train" else
+             _decoded(tuple(items), resize, side, interpolation, crop, f"{name} {s}")) if s in kept else
+            Stream(items, resize, side, interpolation, crop, workers) if s == "train" else
+            _streamed(tuple(items), resize, side, interpolation, crop, workers) for s, items, crop in plan]
 
-def fingerprint(root, splits, names=()):
-    """A short hash of what a task read: for files, each split's (path relative to root, label) and the class
-    names; for rendered splits, their pixels and labels (so a change to the renderer is a new task)."""
-    h = hashlib.sha1(json.dumps(list(names)).encode())
-    for s in splits:
-        if isinstance(s, Split):
-            h.update(s.images.contiguous().numpy().tobytes()), h.update(s.labels.numpy().tobytes())
-        else:  # json.dumps of the whole list, item by item: no copy of a 1.28M-image index as one string
-            h.update(b"[")
-            for i, (p, y) in enumerate(s):
-                h.update((", " * (i > 0) + json.dumps((os.path.relpath(p, root), y))).encode())
-            h.update(b"]")
-    return h.hexdigest()[:16]
-
-def _synthetic_task(name, shots, seed, img_size, norm, world_seed):
-    world, pools = _world_pools(name, world_seed)
-    train = pools["train"] if shots is None else pools["train"].subset(few_shot(pools["train"].labels, shots, seed))
-    splits = [train, pools["val"], pools["test"]]
-    if img_size != 32:  # e.g. for a 224 px backbone: bilinear, as a resize of the real data would be
-        splits = [Split(F.interpolate(s.images.float(), size=img_size, mode="bilinear", antialias=True)
-                        .round().clamp(0, 255).byte(), s.labels) for s in splits]
-    meta = dict(dataset="synthetic", task=name, world_seed=world_seed, shots=shots, seed=seed, norm=norm,
-                sizes=dict(zip(("train", "val", "test"), map(len, splits))), fingerprint=fingerprint(None, splits),
-                classes=[world.describe(c) for c in range(world.num_classes)])
-    return Task(f"synthetic:{name}", world.num_classes, *splits, img_size, *NORMS[norm], "none", meta)
-
-# -----------------------------------------------------------------------------
 # python data.py: each set's sizes and a contact sheet
-
-def contact_sheet(path, classes=6, per_class=2, world_seed=0):
-    """A PNG, a row per set of WORLD: `per_class` images of `classes` of its classes (a seeded pick), twice the size."""
-    from torchvision.utils import make_grid, save_image
-    rows = []
-    for name in WORLD:
-        world = SyntheticSet(name, world_seed)
-        cs = torch.randperm(world.num_classes, generator=torch.Generator().manual_seed(0))[:classes].sort().values
-        rows.append(world.render(cs.repeat_interleave(per_class), torch.arange(per_class).repeat(classes)))
-    big = torch.cat(rows).repeat_interleave(2, -1).repeat_interleave(2, -2)  # (7 * classes * per_class, 3, 64, 64)
-    grid = make_grid(big, nrow=classes * per_class, pad_value=255)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid / 255, path)
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Print the embedded world's sets and write a contact sheet of it.")

@@ -176,7 +176,7 @@ class E2VPT(nn.Module):
     @torch.no_grad()
     def rewind(self, fresh=False):
         """Reset the visual and key-value prompts to their initial values: those at construction, or at the last
-        load_module_state_dict (e.g. PVP's pre-trained prompts). fresh=True draws a new random init instead, like
+        load (e.g. PVP's pre-trained prompts). fresh=True draws a new random init instead, like
         the code, which rebuilds the model. Pruned entries are set to 0 and stay 0 (the forward masks them, so
         their gradient is 0). The head is left alone: re-initialise it as the runner's --head-init does (the code
         rebuilds it too). Start a new optimizer afterwards: old moments would move the rewound values."""
@@ -189,7 +189,7 @@ class E2VPT(nn.Module):
         return self
 
     # -------------------------------------------------------------------------
-    # what is trained and saved: prompts, masks and the head, never the backbone
+    # what is trained: prompts and the head (saved with the masks, its buffers, by plumbing.module_state_dict)
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
@@ -199,31 +199,10 @@ class E2VPT(nn.Module):
         """The formula of the docstring: depth*P*dim + depth*T*dim (x2 when not shared) + (dim+1)*classes."""
         return len(vit.blocks) * vit.dim * (num_prompts + num_kv_prompts * (2 - shared_kv)) + (vit.dim + 1) * num_classes
 
-    def _own(self, head):
-        """The method's tensors by name (the live ones): prompts, kv (or key and value) prompts, masks, head."""
-        return {k: v for k, v in self.state_dict(keep_vars=True).items()
-                if not k.startswith("vit.") and (head or not k.startswith("head."))}
-
-    def module_state_dict(self, head=True):
-        """The prompts, the masks (and the head) as detached CPU copies."""
-        return {k: v.detach().cpu().clone() for k, v in self._own(head).items()}
-
-    def load_module_state_dict(self, sd, head=True):
-        """Copy `sd` into the method's tensors; every key must be there with its shape, or ValueError says which.
-        head=False leaves the head alone and ignores head.* entries of `sd`. Loaded prompts are the rewind point."""
-        own = self._own(head)
-        sd = {k: v for k, v in sd.items() if head or not k.startswith("head.")}
-        problems = [f"missing {k}" for k in own if k not in sd]
-        problems += [f"unexpected {k}" for k in sd if k not in own]
-        problems += [f"shape of {k}: got {tuple(v.shape)}, expected {tuple(own[k].shape)}"
-                     for k, v in sd.items() if k in own and v.shape != own[k].shape]
-        if problems:
-            raise ValueError(f"e2vpt module state dict does not fit (config {self.config}): " + "; ".join(problems))
-        with torch.no_grad():
-            for k, v in sd.items():
-                own[k].copy_(v)
+    def loaded(self):
+        """After the generic load (plumbing.load_module_state_dict): the loaded prompts are the rewind point (PVP's
+        pre-trained prompts, not a random draw)."""
         self.initial = self.prompt_snapshot()
-        return self
 
 
 # -----------------------------------------------------------------------------

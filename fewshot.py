@@ -5,151 +5,140 @@ Few-shot evaluation of PETuning methods: methods x datasets x shots x seeds, one
     python fewshot.py --method all --plot                   # every method, shots 1..16, seeds 0..2, and the figure
     python fewshot.py --weights vit_b16_in21k --data noah-fewshot --data-root data/oxford-flowers102 --method vpt
     python fewshot.py --weights vit_b16_in21k --data vtab1k --data-root data/vtab-1k --vtab-task dtd --shots all \
-        --grid --optimizer sgd --lr-scale --method vpt          # VPT's protocol: lr x wd on train800 -> val200
+        --recipe vpt --method vpt                       # VPT's protocol: lr x wd on train800 -> val200
     python fewshot.py --method vpt,lora --opt dropout=0.0   # a method's own constructor options, by name
     torchrun --nproc_per_node=8 fewshot.py ...              # a sweep over 8 GPUs: each rank takes every 8th run
-    python fewshot.py --shard 0/4 ...                       # job 0 of 4 sharing only --out (a SLURM array task)
 With no --weights the embedded backbone is used, and `pvp` with no --pvp-init the embedded PVP prompts, which are
 pre-trained first (by running pvp_pretrain.py) when missing and cached under checkpoints/.
 
-Protocol (printed at start and saved in every line): NOAH's few-shot recipe (ZhangYuanhan-AI/NOAH,
-configs/*/few-shot/*.sh) -- AdamW, lr 5e-3 with no batch scaling, wd 1e-4, batch 64, 100 epochs, 10 warmup then
-cosine -- without its RandAugment, mixup and cutmix; the crop + flip of the data's protocol instead. The embedded
-world caps training at --max-steps (see EMBEDDED) so a sweep fits a CPU. One recipe for every method, except `full`
-(lr x 0.1: full fine-tuning at a prompt's lr wrecks the backbone; VPT's paper also tunes it separately) and
-`linear`, whose frozen backbone runs once: its head trains on the features of the centre-cropped support set (no
-crop + flip), as linear probes do. Runs report the last step: test is never used to select anything; val is
-measured and saved for choosing hyper-parameters. Evaluation runs in bf16 autocast on CUDA (--amp adds it to
-training).
+Read it in run order: the protocol (Config, RECIPES) -> the methods (METHODS) -> the training loop (train) ->
+evaluation -> one run (fit, run_one, search) -> the sweep -> main. The default protocol (recipe nanopetl) is NOAH's
+few-shot recipe (ZhangYuanhan-AI/NOAH, configs/*/few-shot/*.sh): AdamW, lr 5e-3 with no batch scaling, wd 1e-4, batch
+64, 100 epochs, 10 warmup then cosine, without its RandAugment, mixup and cutmix (the crop + flip of the data's
+protocol instead); --recipe noah|vpt|e2vpt sets a paper's whole protocol. One recipe for every method, except `full`
+(lr x 0.1) and `linear`, whose head trains on the frozen features of the centre-cropped support set. Runs report the
+last step: test never selects anything; val is saved for choosing hyper-parameters.
 
-A method is a class in the METHODS registry; its keyword-only constructor options are its options (--opt
-NAME=VALUE, and --prompts, --kv-prompts, --rank for the built-in ones). `pvp` builds the module type its checkpoint
-records, with that checkpoint's options, and follows that type's recipe (an E2VPT module is pruned and rewound).
-Output in --out: results.jsonl (one line per run, appended and flushed as it finishes), summary.md, and with --plot
-accuracy_vs_shots.png. A line's key covers everything that makes its numbers (see run_identity): a re-run of the
-same command skips what is done, and a changed dataset, backbone file, module checkpoint or option runs anew. The
-table shows exactly this command's runs. This file also holds the one training loop and the module checkpoint
-format that pvp_pretrain.py imports.
+Output in --out: results.jsonl (one line per run, appended as it finishes), summary.md, and with --plot
+accuracy_vs_shots.png. A line's key covers everything that makes its numbers (run_identity): a re-run of the same
+command skips what is done. Checks, files and keys live in plumbing.py; nothing there is a paper's idea.
 """
-import argparse
-import ast
 import copy
 import dataclasses
-import datetime
-import errno
-import fcntl
 import functools
-import hashlib
-import inspect
 import json
 import math
-import os
-import re
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, safe_open, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
 import e2vpt
 import lora
+import plumbing
 import vit as vitlib
 import vpt
-
-HERE = Path(__file__).resolve().parent
-CHECKPOINTS = HERE / "checkpoints"  # built pieces, git-ignored
-SHIPPED_BACKBONE = HERE / "assets" / "vit_synthetic.safetensors"  # the embedded backbone, in the repository
+from plumbing import Diverged, flag
 
 # -----------------------------------------------------------------------------
 # the protocol: every knob a flag, printed and saved
 
+AT_LEAST_1 = dict(ok=lambda v, c: v >= 1, what="at least 1")
+FRACTION = dict(ok=lambda v, c: 0 <= v < 1, what="a fraction in [0, 1)")
+ALPHA = dict(ok=lambda v, c: 0 <= v <= 100, what="an alpha >= 0 (0: off)")
+UP_TO_LR = dict(ok=lambda v, c: 0 <= v <= c.lr, what="a number from 0 to --lr ({lr:g})")
+NORMS = (None, *data.NORMS)  # (inside Config, `data` is a field)
+
 
 @dataclass
 class Config:
-    method: str = field(default="pvp", metadata={"help": "a name, a comma list, or 'all' (see METHODS)"})
-    shots: str = field(default="1,2,4,8,16", metadata={"help": "comma list of K per class, or 'all' (whole train split)"})
-    seeds: str = field(default="0,1,2", metadata={"help": "comma list of seeds: support set and initialisation"})
-    data: str = field(default="synthetic", metadata={"help": f"one of {', '.join(data.DATASETS)}; synthetic:<task> for one"})
-    data_root: str = field(default=None, metadata={"help": "where the dataset lies on disk"})
-    download: bool = field(default=False, metadata={"help": "let torchvision download flowers102/pets/aircraft/food101"})
-    vtab_task: str = field(default=None, metadata={"help": "the VTAB-1k task folder (with --data vtab1k)"})
-    weights: str = field(default=None, metadata={"help": "a vit.PRETRAINED name or a checkpoint path; none = embedded"})
-    arch: str = field(default="vit_base_patch16", metadata={"help": f"preset for --weights: {', '.join(vitlib.PRESETS)}"})
-    pvp_init: str = field(default=None, metadata={"help": "module checkpoint for `pvp` (none = the embedded one)"})
-    opt: list = field(default=None, metadata={"help": "NAME=VALUE, a method's constructor option (repeat the flag for "
-                                                      "more); each goes to the methods that take it"})
-    optimizer: str = field(default="adamw", metadata={"help": "adamw (NOAH) or sgd (VPT: momentum 0.9)"})
-    lr: float = field(default=5e-3, metadata={"help": "base learning rate"})
-    grid: bool = field(default=False, metadata={"help": "choose lr x wd on val first (vtab1k: train800 -> val200), "
-                                                        "then run the choice on every seed"})
-    grid_lr: str = field(default="50,25,10,5,2.5,1,0.5,0.25,0.1,0.05",
-                         metadata={"help": "--grid's learning rates (VPT's, for --optimizer sgd --lr-scale)"})
-    grid_wd: str = field(default="0.01,0.001,0.0001,0", metadata={"help": "--grid's weight decays (VPT's)"})
-    lr_scale: bool = field(default=False, metadata={"help": "multiply lr by batch/256 (VPT's rule)"})
-    wd: float = field(default=1e-4, metadata={"help": "weight decay (none on biases and norms)"})
-    epochs: int = field(default=100, metadata={"help": "passes over the support set"})
-    max_steps: int = field(default=None, metadata={"help": "cap on optimiser steps (embedded default: EMBEDDED)"})
-    warmup: float = field(default=0.1, metadata={"help": "fraction of steps of linear warmup before the cosine"})
-    batch: int = field(default=64, metadata={"help": "batch size (at most the support-set size)"})
-    norm: str = field(default=None, metadata={"help": "imagenet or inception (0.5/0.5); default per data"})
-    aug: str = field(default=None, metadata={"help": "none, crop_flip, or randaug (RandomResizedCrop 0.08-1, flip, "
-                                                     "RandAugment 2 ops at 9, random erasing); default per data"})
-    img_size: int = field(default=None, metadata={"help": "input side; default: the backbone's"})
-    head_init: str = field(default="zero", metadata={"help": "zero; prototype: the support set's normalised class "
-                                                            "means; trunc_normal (std 0.02, NOAH); kaiming (VPT)"})
-    recipe: str = field(default="nanopetl", metadata={"help": "a paper's whole protocol: nanopetl, noah, vpt, e2vpt "
-                                                              "(RECIPES); explicit flags override it"})
-    schedule: str = field(default="step", metadata={"help": "step (warmup then cosine per step), epoch (VPT: per "
-                                                            "epoch, epoch 0 at lr 0), timm (NOAH: timm's cosine)"})
-    warmup_lr: float = field(default=None, metadata={"help": "lr at the first warmup step (timm's warmup-lr; default: "
-                                                             "the ramp (t+1)/warmup)"})
-    min_lr: float = field(default=0.0, metadata={"help": "lr floor of the cosine"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cross-entropy"})
-    mixup: float = field(default=0.0, metadata={"help": "MixUp alpha (0: off); with --cutmix, one of the two per batch"})
-    cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha (0: off)"})
-    reprob: float = field(default=0.0, metadata={"help": "random-erasing probability per image (with --aug randaug)"})
-    drop_path: float = field(default=0.0, metadata={"help": "stochastic depth in the frozen backbone while training "
-                                                            "(timm's rule: 0 at block 0 up to this at the last)"})
-    drop_last: bool = field(default=False, metadata={"help": "drop each epoch's last incomplete batch"})
-    prune: str = field(default="nanopetl", metadata={"help": "E2VPT pruning: nanopetl (|grad| scores, the fractions "
-                                                             "below, rewind to the start), official (signed scores, "
-                                                             "fractions chosen on val over --prune-grid, fresh "
-                                                             "rewind), none"})
-    prune_grid: str = field(default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
-                            metadata={"help": "--prune official's fractions, tried for tokens x segments"})
-    prompts: int = field(default=None, metadata={"help": "prompt tokens per layer, num_prompts (vpt, e2vpt; default 10; "
-                                                         "NOAH: 100)"})
-    kv_prompts: int = field(default=None, metadata={"help": "E2VPT key-value prompts per layer, num_kv_prompts (default 5)"})
-    prune_tokens: float = field(default=0.5, metadata={"help": "E2VPT: fraction of visual prompt tokens pruned"})
-    prune_segments: float = field(default=0.25, metadata={"help": "E2VPT: fraction of each token's segments pruned"})
-    rank: int = field(default=None, metadata={"help": "LoRA rank (default 8; alpha = rank unless --opt alpha=...)"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda -> mps -> cpu), or cpu, cuda, cuda:<n>, mps"})
-    amp: bool = field(default=False, metadata={"help": "bf16 autocast in training too (CUDA only; eval always uses it)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model for training and evaluation"})
-    # --- issue 13: data path
-    workers: int = field(default=None, metadata={"help": "loader processes per training process for splits streamed "
-                                                         "from disk (default: its CPUs - 1, at most 8)"})
-    cache_gb: float = field(default=None, metadata={"help": "GB of decoded images kept in memory, smallest split first; "
-                                                           "the rest stream from disk (default: NANOPETL_MAX_GB, 8)"})
-    shard: str = field(default=None, metadata={"help": "i/n: run only the planned runs whose index %% n == i, for n "
-                                                      "independent jobs on one --out (no locks); any writes the table"})
-    out: str = field(default="runs/fewshot", metadata={"help": "output folder"})
-    plot: bool = field(default=False, metadata={"help": "write accuracy_vs_shots.png"})
+    method: str = flag("pvp", "a name, a comma list, or 'all' (see METHODS)")
+    shots: str = flag("1,2,4,8,16", "comma list of K per class, or 'all' (whole train split)")
+    seeds: str = flag("0,1,2", "comma list of seeds: support set and initialisation")
+    data: str = flag("synthetic", f"one of {', '.join(data.DATASETS)}; synthetic:<task> for one")
+    data_root: str = flag(None, "where the dataset lies on disk")
+    download: bool = flag(False, "let torchvision download flowers102/pets/aircraft/food101")
+    vtab_task: str = flag(None, "the VTAB-1k task folder (with --data vtab1k)")
+    weights: str = flag(None, "a vit.PRETRAINED name or a checkpoint path; none = embedded")
+    arch: str = flag("vit_base_patch16", f"preset for --weights: {', '.join(vitlib.PRESETS)}",
+                     choices=tuple(vitlib.PRESETS))
+    pvp_init: str = flag(None, "module checkpoint for `pvp` (none = the embedded one)")
+    opt: list = flag(None, "NAME=VALUE, a method's constructor option (repeat the flag for more); each goes to the "
+                           "methods that take it")
+    optimizer: str = flag("adamw", "adamw (NOAH) or sgd (VPT: momentum 0.9)", choices=("adamw", "sgd"))
+    lr: float = flag(5e-3, "base learning rate", ok=lambda v, c: 0 < v <= plumbing.LR_MAX,
+                     what=f"a positive number, at most {plumbing.LR_MAX:g}")
+    grid: bool = flag(False, "choose lr x wd on val first (vtab1k: train800 -> val200), then run the choice on every "
+                             "seed")
+    grid_lr: str = flag("50,25,10,5,2.5,1,0.5,0.25,0.1,0.05", "--grid's learning rates (VPT's, for --optimizer sgd "
+                                                               "--lr-scale)")
+    grid_wd: str = flag("0.01,0.001,0.0001,0", "--grid's weight decays (VPT's)")
+    lr_scale: bool = flag(False, "multiply lr by batch/256 (VPT's rule)")
+    wd: float = flag(1e-4, "weight decay (none on biases and norms)", ok=lambda v, c: v >= 0 and math.isfinite(v),
+                     what="a number >= 0")
+    epochs: int = flag(100, "passes over the support set", **AT_LEAST_1)
+    max_steps: int = flag(None, "cap on optimiser steps (embedded default: EMBEDDED)", ok=lambda v, c: v >= 1,
+                          what="at least 1 (leave it out for no cap)")
+    warmup: float = flag(0.1, "fraction of steps of linear warmup before the cosine", ok=lambda v, c: 0 <= v <= 1,
+                         what="a fraction in [0, 1]")
+    batch: int = flag(64, "batch size (at most the support-set size)", **AT_LEAST_1)
+    norm: str = flag(None, "imagenet or inception (0.5/0.5); default per data", choices=NORMS)
+    aug: str = flag(None, "none, crop_flip, or randaug (RandomResizedCrop 0.08-1, flip, RandAugment 2 ops at 9, "
+                          "random erasing); default per data", choices=(None, "none", "crop_flip", "randaug"))
+    img_size: int = flag(None, "input side; default: the backbone's", ok=lambda v, c: 1 <= v <= plumbing.MAX_IMG,
+                         what=f"from 1 to {plumbing.MAX_IMG}")
+    head_init: str = flag("zero", "zero; prototype: the support set's normalised class means; trunc_normal (std "
+                                  "0.02, NOAH); kaiming (VPT)", choices=("zero", "prototype", "trunc_normal", "kaiming"))
+    recipe: str = flag("nanopetl", "a paper's whole protocol: nanopetl, noah, vpt, e2vpt (RECIPES); explicit flags "
+                                   "override it")
+    schedule: str = flag("step", "step (warmup then cosine per step), epoch (VPT: per epoch, epoch 0 at lr 0), timm "
+                                 "(NOAH: timm's cosine)", choices=("step", "epoch", "timm"))
+    warmup_lr: float = flag(None, "lr at the first warmup step (timm's warmup-lr; default: the ramp (t+1)/warmup)",
+                            **UP_TO_LR)
+    min_lr: float = flag(0.0, "lr floor of the cosine", **UP_TO_LR)
+    label_smoothing: float = flag(0.0, "label smoothing of the cross-entropy", **FRACTION)
+    mixup: float = flag(0.0, "MixUp alpha (0: off); with --cutmix, one of the two per batch", **ALPHA)
+    cutmix: float = flag(0.0, "CutMix alpha (0: off)", **ALPHA)
+    reprob: float = flag(0.0, "random-erasing probability per image (with --aug randaug)", ok=lambda v, c: 0 <= v <= 1,
+                         what="a probability in [0, 1]")
+    drop_path: float = flag(0.0, "stochastic depth in the frozen backbone while training (timm's rule: 0 at block 0 "
+                                 "up to this at the last)", ok=lambda v, c: 0 <= v < 1, what="a rate in [0, 1)")
+    drop_last: bool = flag(False, "drop each epoch's last incomplete batch")
+    prune: str = flag("nanopetl", "E2VPT pruning: nanopetl (|grad| scores, the fractions below, rewind to the start), "
+                                  "official (signed scores, fractions chosen on val over --prune-grid, fresh rewind), "
+                                  "none", choices=("nanopetl", "official", "none"))
+    prune_grid: str = flag("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", "--prune official's fractions, tried for tokens x "
+                                                                  "segments")
+    prompts: int = flag(None, "prompt tokens per layer, num_prompts (vpt, e2vpt; default 10; NOAH: 100)", **AT_LEAST_1)
+    kv_prompts: int = flag(None, "E2VPT key-value prompts per layer, num_kv_prompts (default 5)",
+                           ok=lambda v, c: v >= 0, what="at least 0")
+    prune_tokens: float = flag(0.5, "E2VPT: fraction of visual prompt tokens pruned", **FRACTION)
+    prune_segments: float = flag(0.25, "E2VPT: fraction of each token's segments pruned", **FRACTION)
+    rank: int = flag(None, "LoRA rank (default 8; alpha = rank unless --opt alpha=...)", **AT_LEAST_1)
+    device: str = flag("auto", "auto (cuda -> mps -> cpu), or cpu, cuda, cuda:<n>, mps")
+    amp: bool = flag(False, "bf16 autocast in training too (CUDA only; eval always uses it)")
+    compile: bool = flag(False, "torch.compile the model for training and evaluation")
+    workers: int = flag(None, "loader processes per training process for splits streamed from disk (default: its "
+                              "CPUs - 1, at most 8)", ok=lambda v, c: v >= 0, what="0 (load in this process) or more")
+    cache_gb: float = flag(None, "GB of decoded images kept in memory, smallest split first; the rest stream from "
+                                 "disk (default: NANOPETL_MAX_GB, 8)", ok=lambda v, c: v >= 0,
+                           what="a number of GB >= 0 (0: stream every split from disk)")
+    shard: str = flag(None, "i/n: run only the planned runs whose index %% n == i, for n independent jobs on one "
+                            "--out (no locks); any writes the table")
+    out: str = flag("runs/fewshot", "output folder")
+    plot: bool = flag(False, "write accuracy_vs_shots.png")
 
 
-# The embedded world's departures from NOAH. Chosen on its val pools (seed 0, shots 1 and 16, linear/vpt/lora):
-# lr 5e-3 beat 1e-3 and 2e-2, and 100 steps beat 50 and tied 200 (README, "How the embedded defaults were chosen").
+# The embedded world's departures from NOAH, chosen on its val pools (seed 0, shots 1 and 16, linear/vpt/lora): lr
+# 5e-3 beat 1e-3 and 2e-2, and 100 steps beat 50 and tied 200 (docs/results.md, "How the defaults were chosen").
 EMBEDDED = dict(max_steps=100, norm="inception")
 # what trains a run: in every line's protocol and key (img_size, norm and aug are added as resolved per task)
 PROTOCOL = ("optimizer", "lr", "lr_scale", "wd", "epochs", "max_steps", "warmup", "batch", "head_init", "amp", "grid",
@@ -210,54 +199,18 @@ RECIPES = {
 }
 
 
-def parser(given_only=False):
-    """The command line of Config. given_only: flags not on the command line are left out (no defaults)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 **({"argument_default": argparse.SUPPRESS} if given_only else {}))
-    for f in dataclasses.fields(Config):
-        flag, default = "--" + f.name.replace("_", "-"), {} if given_only else {"default": f.default}
-        if f.type is bool:
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"], **default)
-        elif f.type is list:
-            ap.add_argument(flag, action="append", metavar="NAME=VALUE", help=f.metadata["help"])
-        else:
-            ap.add_argument(flag, type=f.type, help=f.metadata["help"] + f" (default: {f.default})", **default)
-    return ap
-
-
 def parse(argv=None):
     """Config from the command line: Config's defaults, then the recipe's values, then the flags given."""
-    given = vars(parser(given_only=True).parse_args(argv))
-    recipe = RECIPES.get(given.get("recipe", Config.recipe), {})  # an unknown name: check() says so
-    cfg = Config(**{**vars(parser().parse_args(argv)), **{k: v for k, (v, _) in recipe.items() if k != "options"},
-                    **given})
+    given = vars(plumbing.parser(Config, __doc__, given_only=True).parse_args(argv))
+    recipe = RECIPES.get(given.get("recipe", Config.recipe), {})  # an unknown name: the checks say so
+    cfg = Config(**{**vars(plumbing.parser(Config, __doc__).parse_args(argv)),
+                    **{k: v for k, (v, _) in recipe.items() if k != "options"}, **given})
     if cfg.weights is None and cfg.data.startswith("synthetic"):
         cfg = dataclasses.replace(cfg, **{k: v for k, v in EMBEDDED.items() if getattr(cfg, k) is None})
     return cfg
 
-
-class UsageError(Exception):
-    """A flag or file the user can fix; reported as one line, no traceback."""
-
-
-def need(ok, message):
-    if not ok:
-        raise UsageError(message)
-
-
-def fail(message, code=1):
-    """Exit with one message on stderr, on a line of its own below any progress bar left open."""
-    for bar in list(getattr(tqdm, "_instances", [])):
-        bar.close()
-    print(message, file=sys.stderr)
-    sys.exit(code)
-
-
-class Diverged(Exception):
-    """The loss became NaN or infinite."""
-
 # -----------------------------------------------------------------------------
-# the methods: two baselines that are not a paper of their own, and the registry
+# the methods: two baselines that are not a paper of their own, PVP, and the registry
 
 
 class LinearProbe(nn.Module):
@@ -281,22 +234,6 @@ class LinearProbe(nn.Module):
     def forward(self, images):
         return self.head(self.features(images))
 
-    def module_state_dict(self, head=True):
-        mine = self.state_dict() if self.trains_backbone else self.head.state_dict(prefix="head.")
-        return {k: v.detach().cpu().clone() for k, v in mine.items() if head or not k.startswith("head.")}
-
-    def load_module_state_dict(self, sd, head=True):
-        """Copy `sd` into the tensors module_state_dict names; each must be there with its shape, or ValueError."""
-        names = self.module_state_dict(head)
-        own = {k: v for k, v in self.state_dict(keep_vars=True).items() if k in names}
-        sd = {k: v for k, v in sd.items() if head or not k.startswith("head.")}
-        if problems := sorted(set(own) ^ set(sd)) + [k for k in own if k in sd and own[k].shape != sd[k].shape]:
-            raise ValueError(f"{self.name} module state dict does not fit: missing, unexpected or reshaped {problems}")
-        with torch.no_grad():
-            for k, v in sd.items():
-                own[k].copy_(v)
-        return self
-
     @classmethod
     def trainable_count(cls, vit, num_classes):
         """The head's (dim+1) * classes, plus every backbone weight when it trains (full)."""
@@ -311,10 +248,9 @@ class FullFinetune(LinearProbe):
 def pvp(vit, *, num_classes, checkpoint):
     """PVP (Song et al. 2023, arXiv 2304.13639): the module pre-trained by pvp_pretrain.py, on `vit` (the backbone
     it was pre-trained on), with a fresh head of num_classes: the type and options its checkpoint records."""
-    meta, tensors = read_module(checkpoint, vit)
+    meta, tensors = plumbing.read_module(checkpoint, vit, METHODS)
     model = METHODS[meta["method"]](vit, num_classes=num_classes, **meta["config"])
-    model.load_module_state_dict(tensors, head=False)  # the source head is not reused
-    return model
+    return plumbing.load_module_state_dict(model, tensors, head=False)  # the source head is not reused
 
 
 # name -> a class (or function) building the method around a frozen ViT: build(vit, *, num_classes, **options).
@@ -329,63 +265,20 @@ METHODS = {
     "lora": lora.LoRA,
     "pvp": pvp,
 }
-LR_FACTOR = {"full": 0.1}
+LR_FACTOR = {"full": 0.1}  # full fine-tuning at a prompt's lr wrecks the backbone (VPT tunes it separately too)
 FLAGS = {"prompts": ("num_prompts", 10), "kv_prompts": ("num_kv_prompts", 5), "rank": ("rank", 8)}  # flag -> option
 
 
-def options_of(build):
-    """{option: default} of a registry entry: its keyword-only arguments, num_classes aside."""
-    return {n: p.default for n, p in inspect.signature(build).parameters.items()
-            if p.kind == p.KEYWORD_ONLY and n != "num_classes"}
-
-
-def given_options(cfg):
-    """{option: value} the user set: --opt NAME=VALUE (a Python/JSON literal, a comma list, or a word), and the
-    named flags --prompts, --kv-prompts, --rank."""
-    out = {}
-    for item in cfg.opt or []:
-        name, eq, text = item.partition("=")
-        need(eq and name.isidentifier(), f"--opt {item!r}: write NAME=VALUE, e.g. --opt dropout=0.0")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            try:
-                value = float(text)  # nan, inf: a number, refused below as not finite
-            except ValueError:
-                value = text.split(",") if "," in text else text
-        need(repr(out.get(name, value)) == repr(value), f"--opt {name} is given twice, as {out.get(name)!r} and "
-             f"{value!r}")
-        out[name] = value
-    for flag, (name, _) in FLAGS.items():
-        if getattr(cfg, flag) is not None:
-            need(out.get(name, getattr(cfg, flag)) == getattr(cfg, flag), f"--{flag.replace('_', '-')} "
-                 f"{getattr(cfg, flag)} and --opt {name}={out.get(name)!r} disagree: give one")
-            out[name] = getattr(cfg, flag)
-    return out
-
-
-def check_type(method, name, value, default):
-    """An option's value of the kind its default is (bool, whole number, finite number, list): one UsageError."""
-    kinds = [(bool, lambda v: isinstance(v, bool), "True or False"),
-             (int, lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
-             (float, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-              "a finite number"),
-             ((tuple, list), lambda v: isinstance(v, (tuple, list)), "a list, e.g. ('q','v')")]
-    for kind, ok, what in kinds:
-        if isinstance(default, kind):
-            need(ok(value), f"{method}'s option {name} is {what} (its default is {default!r}), got {value!r}")
-            return
-
-
 def method_options(name, cfg):
-    """The options method `name` is built with: its defaults, nanoPETL's defaults for the named flags, then what
-    the user gave (only those it takes). `pvp`: only the checkpoint, whose module brings its own options."""
-    takes = options_of(METHODS[name])
+    """The options method `name` is built with: its defaults, nanoPETL's defaults for the named flags, then the
+    recipe's, then what the user gave (only those it takes). `pvp`: only the checkpoint, whose module brings its
+    own options."""
+    takes = plumbing.options_of(METHODS[name])
     if name == "pvp":
         return dict(checkpoint=cfg.pvp_init)
-    recipe = RECIPES.get(getattr(cfg, "recipe", None), {}).get("options", ({}, ""))[0].get(name, {})  # none in pretraining
+    recipe = RECIPES.get(getattr(cfg, "recipe", None), {}).get("options", ({}, ""))[0].get(name, {})
     return {**takes, **{o: d for o, d in FLAGS.values() if o in takes}, **recipe,
-            **{k: v for k, v in given_options(cfg).items() if k in takes}}
+            **{k: v for k, v in plumbing.given_options(cfg, FLAGS).items() if k in takes}}
 
 
 def build(name, vit, num_classes, cfg):
@@ -393,90 +286,7 @@ def build(name, vit, num_classes, cfg):
     return METHODS[name](vit, num_classes=num_classes, **method_options(name, cfg))
 
 # -----------------------------------------------------------------------------
-# module checkpoints (PVP): .safetensors with a JSON header, written atomically
-
-
-def atomic(write, path):
-    """write(tmp) then rename: a kill leaves the old file or the new one, never half of one. The temporary name is
-    unique, so two writers never write into one temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:  # name the file being written, not its temporary twin
-        raise OSError(e.errno, e.strerror, str(path)) from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def tensors_hash(tensors):
-    """A short fingerprint of a dict of tensors by content: each name and its values as float32, in name order (the
-    hash module checkpoints and the shipped backbone's header have always recorded)."""
-    h = hashlib.sha256()
-    for k, v in sorted(tensors.items()):
-        h.update(k.encode()), h.update(v.detach().cpu().float().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def weights_hash(model):
-    """A backbone's fingerprint by content, head excluded (a module checkpoint records it; so does every run)."""
-    return tensors_hash({k: v for k, v in model.state_dict().items() if not k.startswith("head.")})
-
-
-def save_module(model, path, meta):
-    tensors = {k: v.contiguous() for k, v in model.module_state_dict(head=False).items()}
-    atomic(lambda p: save_file(tensors, p, metadata={"nanopetl": json.dumps(meta)}), path)
-
-
-MODULE_HEADER = dict(method=str, config=dict, backbone=str, backbone_hash=str)  # what a module header must hold
-
-
-def module_header(path):
-    """The checked header of a module checkpoint (reads no tensors): refused with one line naming what is wrong."""
-    path = Path(path)
-    try:
-        with safe_open(path, "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("nanopetl", "null"))
-    except Exception as e:  # safetensors reports truncation and foreign files in several exception types
-        raise vitlib.CheckpointError(f"{path}: not a readable module checkpoint ({vitlib.error_line(e)}); make one "
-                                     "with python pvp_pretrain.py") from None
-    if not isinstance(meta, dict) or "method" not in meta:
-        raise vitlib.CheckpointError(f"{path}: a .safetensors file without nanoPETL's module header (a backbone? "
-                                     "that goes to --weights); make a module checkpoint with python pvp_pretrain.py "
-                                     "--weights <the backbone>")
-    bad = [f"{k} ({type(meta.get(k)).__name__}, not {t.__name__})" for k, t in MODULE_HEADER.items()
-           if not isinstance(meta.get(k), t)]
-    kinds = [m for m in METHODS if m != "pvp"]
-    if not bad and meta["method"] not in kinds:
-        bad = [f"method {meta['method']!r} (not one of {', '.join(kinds)})"]
-    if not bad and (extra := set(meta["config"]) - set(options_of(METHODS[meta["method"]]))):
-        bad = [f"config options {sorted(extra)} that {meta['method']} does not take"]
-    if bad:
-        raise vitlib.CheckpointError(f"{path}: its nanoPETL header is damaged or from another version: " +
-                                     "; ".join(bad) + ". Pre-train it again with python pvp_pretrain.py")
-    return meta
-
-
-def read_module(path, backbone):
-    """(meta, tensors) of a module checkpoint, refused unless it was made on this very backbone and is finite."""
-    meta = module_header(path)
-    try:
-        tensors = load_file(path)
-    except Exception as e:
-        raise vitlib.CheckpointError(f"{path}: not a readable module checkpoint ({vitlib.error_line(e)}); make one "
-                                     "with python pvp_pretrain.py") from None
-    if meta["backbone_hash"] != weights_hash(backbone):
-        raise vitlib.CheckpointError(
-            f"{path} was pre-trained on backbone {meta['backbone']} (weights {meta['backbone_hash']}), not on this one "
-            f"(weights {weights_hash(backbone)}): pre-train it on this backbone with pvp_pretrain.py --weights")
-    vitlib.check_finite(tensors, path)
-    return meta, tensors
-
-# -----------------------------------------------------------------------------
-# the one training loop (pvp_pretrain.py uses it too), evaluation, and the head initialisation
+# the one training loop (pvp_pretrain.py uses it too)
 
 
 def batches(split, task, device, batch, *, train, generator=None, rank=0, world=1, skip=0, state=None, drop_last=False,
@@ -508,64 +318,6 @@ def batches(split, task, device, batch, *, train, generator=None, rank=0, world=
             else:
                 x = data.normalize(data.augment(x, how, generator=generator, size=task.img_size), task.mean, task.std)
         yield x, labels.to(device, non_blocking=True)
-
-
-WAIT_WINDOW = 50  # steps over which the bar's images/s and data wait are measured
-
-
-class Progress:
-    """What the training bar shows beside the loss, over the last WAIT_WINDOW steps: images/s (over all ranks) and
-    `wait`, the fraction of the time the loop waited for its next batch; once, a warning when a split read from disk
-    kept the loop waiting more than half the time (the loader, not the model, sets the pace)."""
-
-    def __init__(self, split, world, rank):
-        self.split, self.world, self.rank, self.warned = split, world, rank, False
-        self.start, self.waited, self.images, self.steps = time.perf_counter(), 0.0, 0, 0
-
-    def timed(self, batches):
-        """The batches, timing how long each next() took."""
-        it = iter(batches)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                item = next(it)
-            except StopIteration:
-                return
-            self.waited += time.perf_counter() - t0
-            yield item
-
-    def step(self, images):
-        """Count a step of `images` images; the figures to show, over the window so far."""
-        self.images, self.steps = self.images + images, self.steps + 1
-        seconds = max(time.perf_counter() - self.start, 1e-9)
-        wait = self.waited / seconds
-        shown = {"img/s": f"{self.images * self.world / seconds:,.0f}", "wait": f"{wait:.0%}"}
-        if self.steps == WAIT_WINDOW:  # the window is full: judge it, and start the next
-            if wait > 0.5 and isinstance(self.split, data.Stream) and self.rank == 0 and not self.warned:
-                self.warned = True
-                tqdm.write(f"warning: the loader is the bottleneck: the last {self.steps} steps waited for data "
-                           f"{wait:.0%} of the time, with {self.split.workers} loader workers; give it more "
-                           "(--workers), or keep the split in memory (--cache-gb) if it fits")
-            self.start, self.waited, self.images, self.steps = time.perf_counter(), 0.0, 0, 0
-        return shown
-
-
-GPU_KEPT = {}  # id of a kept split's images -> (that tensor, its copy on the GPU): made once per process
-
-
-def on_device(split, device, share=0.25):
-    """A split kept in memory, copied to the GPU once per process when it takes at most `share` of the free memory
-    there (every run of a sweep then evaluates it without a copy); else, or off CUDA, or streamed, as it is."""
-    if device.type != "cuda" or not isinstance(split, data.Split) or split.images.device.type == "cuda":
-        return split
-    key = id(split.images)
-    if key not in GPU_KEPT and split.images.nbytes <= share * torch.cuda.mem_get_info(device)[0]:
-        GPU_KEPT[key] = split.images, data.Split(split.images.to(device), split.labels.to(device))
-    return GPU_KEPT[key][1] if key in GPU_KEPT else split
-
-
-def autocast(device, amp):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
 
 
 def learning_rate(cfg, base, t, epoch, total, epochs):
@@ -620,13 +372,13 @@ def train(model, split, task, cfg, device, *, seed, lr=None, desc="train", start
     restore = drop_path_on(model, cfg.drop_path)
     t = start["step"] if start else 0  # the step; not the bar's count, which stays 0 under TQDM_DISABLE=1
     bar = tqdm(total=total, initial=t, desc=desc, leave=False, dynamic_ncols=True)
-    progress = Progress(split, world, rank)
+    progress = plumbing.Progress(split, world, rank)
     for epoch in range(start["epoch"] if start else 0, epochs):
         torch.manual_seed(seed * 100_003 + epoch)  # dropout draws
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)  # order and augmentation
         done, at = (start["batch"], start) if start and start["epoch"] == epoch and start["batch"] else (0, None)
         if at:  # resumed mid-epoch: the RNG as it was after batch `done`
-            set_rng_state(at["rng"], device)
+            plumbing.set_rng_state(at["rng"], device)
         for x, y in progress.timed(batches(split, task, device, batch, train=True, generator=g, rank=rank, world=world,
                                            skip=done, state=at and at["generator"], drop_last=cfg.drop_last,
                                            reprob=cfg.reprob)):
@@ -636,7 +388,7 @@ def train(model, split, task, cfg, device, *, seed, lr=None, desc="train", start
                 group["lr"] = learning_rate(cfg, lr, t, epoch, total, epochs)
             if mix and x.ndim == 4:
                 x, y = mix(x, y)  # y: (B, classes) soft targets
-            with autocast(device, cfg.amp):
+            with plumbing.autocast(device, cfg.amp):
                 loss = F.cross_entropy(net(x), y, label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
                 bar.close()
@@ -647,7 +399,8 @@ def train(model, split, task, cfg, device, *, seed, lr=None, desc="train", start
             t, done = t + 1, done + 1
             bar.update(), bar.set_postfix(loss=f"{loss.item():.3f}", **progress.step(len(x)), refresh=False)
             if on_save and save_every and t % save_every == 0 and done < per_epoch:  # mid-epoch; its end saves below
-                on_save(dict(epoch=epoch, batch=done, step=t, generator=g.get_state(), rng=rng_state(device)), opt)
+                on_save(dict(epoch=epoch, batch=done, step=t, generator=g.get_state(), rng=plumbing.rng_state(device)),
+                        opt)
         if on_save:
             on_save(dict(epoch=epoch + 1, batch=0, step=t), opt)
     bar.close()
@@ -672,16 +425,8 @@ def drop_path_on(model, rate):
             blk.train(mode)
     return restore
 
-
-def rng_state(device):
-    """The global RNG states that a step draws from (dropout): the CPU's, and the device's on CUDA."""
-    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if torch.device(device).type == "cuda" else [])
-
-
-def set_rng_state(states, device):
-    torch.set_rng_state(states[0])
-    if torch.device(device).type == "cuda" and len(states) > 1:
-        torch.cuda.set_rng_state(states[1], device)
+# -----------------------------------------------------------------------------
+# evaluation, and the head's initialisation
 
 
 @torch.inference_mode()
@@ -690,7 +435,7 @@ def evaluate(model, split, task, device, batch=256, compile=False):
     net = torch.compile(model.eval()) if compile else model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
     for x, y in batches(split, task, device, batch, train=False):
-        with autocast(device, True):
+        with plumbing.autocast(device, True):
             correct += (net(x).argmax(-1) == y).sum()  # summed on the device: no sync per batch
     return 100.0 * correct.item() / len(split)
 
@@ -712,10 +457,12 @@ def init_head(model, split, task, device, how):
     if how == "trunc_normal":
         nn.init.trunc_normal_(model.head.weight, std=0.02)
     if how == "kaiming":
-        nn.init.kaiming_normal_(model.head.weight, a=0, mode="fan_out"), nn.init.constant_(model.head.bias, -math.log(99))
+        nn.init.kaiming_normal_(model.head.weight, a=0, mode="fan_out")
+        nn.init.constant_(model.head.bias, -math.log(99))
     if how == "prototype":
         model.eval()
-        feats = torch.cat([F.normalize(model.features(x).float(), dim=-1) for x, _ in batches(split, task, device, 256, train=False)])
+        feats = torch.cat([F.normalize(model.features(x).float(), dim=-1)
+                           for x, _ in batches(split, task, device, 256, train=False)])
         means = torch.zeros_like(model.head.weight).index_add_(0, split.labels.to(device), feats)
         model.head.weight.copy_(F.normalize(means, dim=-1))
 
@@ -802,70 +549,12 @@ def search_task(cfg, task, shots, seed, backbone):
     return search
 
 # -----------------------------------------------------------------------------
-# the backbone and the embedded pieces
-
-
-def load_backbone(weights, arch="vit_base_patch16", img_size=None):
-    """(ViT without head, its name): `weights` (a PRETRAINED name or a path), or with None the embedded backbone."""
-    if weights is None:  # checked against the weight hash its header records: a damaged file is refused
-        path = embedded_backbone()
-        model = vitlib.load_pretrained(vitlib.vit_synthetic(num_classes=0), path, verbose=False).eval()
-        with safe_open(path, "pt") as f:
-            recorded = json.loads((f.metadata() or {}).get("nanopetl", "{}")).get("weights_hash")
-        if recorded not in (None, weights_hash(model)):
-            raise vitlib.CheckpointError(f"{path}: its weights hash to {weights_hash(model)}, not to the {recorded} its "
-                                         "header records (damaged?): restore it (git checkout), or rebuild it with "
-                                         "python pvp_pretrain.py --backbone")
-        return model, "vit_synthetic"
-    arch = vitlib.PRETRAINED.get(weights, {}).get("preset", arch)
-    model = vitlib.PRESETS[arch](num_classes=0, **({"img_size": img_size} if img_size else {}))
-    return vitlib.load_pretrained(model, weights).eval(), f"{arch}:{Path(weights).name}"
-
-
-def pretrain_once(path, argv, what):
-    """Build a missing piece by running pvp_pretrain.py (its progress shows here). It locks `path`, so two sweeps
-    starting at once build it once; --resume goes on from an interrupted build's last epoch."""
-    print(f"building {what} once; cached at {path}")
-    cmd = [sys.executable, str(HERE / "pvp_pretrain.py"), *argv, "--out", str(path), "--resume"]
-    if (code := subprocess.run(cmd).returncode) != 0:
-        raise KeyboardInterrupt if code == 130 else UsageError(
-            f"building {what} failed ({' '.join(cmd[1:])} exited with {code}; its message is above)")
-    return path
-
-
-def embedded_backbone():
-    """The path of the shipped embedded backbone (assets/, made by `pvp_pretrain.py --backbone` with the recipe its
-    header records), or of one built by that command under checkpoints/ when the shipped file is gone."""
-    if SHIPPED_BACKBONE.exists():
-        return SHIPPED_BACKBONE
-    path = CHECKPOINTS / "vit_synthetic.safetensors"
-    return path if path.exists() else pretrain_once(path, ["--backbone", *EMBEDDED_BUILD], "the embedded backbone "
-                                                    f"({SHIPPED_BACKBONE} is gone; git checkout restores it)")
-
-
-EMBEDDED_BUILD = []  # extra pvp_pretrain.py flags for the embedded builds (the tests shrink them)
-
-
-def embedded_pvp(backbone):
-    """The embedded PVP prompts (VPT-deep pre-trained on the synthetic PVP source), built when missing or when they
-    were made on another backbone."""
-    path = CHECKPOINTS / "pvp_vpt_vit_synthetic.safetensors"
-    try:
-        stale = path.exists() and module_header(path)["backbone_hash"] != weights_hash(backbone)
-    except vitlib.CheckpointError:
-        stale = True
-    if not path.exists() or stale:
-        pretrain_once(path, ["--weights", str(embedded_backbone()), "--arch", "vit_synthetic", *EMBEDDED_BUILD],
-                      "the embedded PVP prompts" + " (the backbone changed)" * stale)
-    return path
-
-# -----------------------------------------------------------------------------
-# what makes a run: its identity, its key, its label
+# the sweep: every run's identity, the runs not done yet, one results line each
 
 
 def run_identity(name, task, cfg, backbone_hash, options):
     """Everything that determines a run's numbers, as JSON: the method and its resolved options (for pvp: the module
-    type, options and content hash; else the options as its constructor resolved them), the data (name, resolved root, fingerprint of the files or pixels read), the
+    type, options and content hash), the data (name, resolved root, fingerprint of the files or pixels read), the
     task, shots and seed, the protocol with image size, normalisation and augmentation as resolved, and the
     backbone's weights by content. Paths are not part of it: a moved file is the same run, a replaced one is not."""
     cls = METHODS[options["method"]] if name == "pvp" else METHODS[name]
@@ -877,487 +566,108 @@ def run_identity(name, task, cfg, backbone_hash, options):
             img_size=task.img_size, mean=task.mean, std=task.std, aug=task.train_aug), backbone=backbone_hash)
 
 
-def run_key(identity):
-    """method|task|shots|seed|hash: readable in front, exact behind."""
-    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{label(identity['method'], identity['options'])}|{identity['data']['dataset']}|{identity['shots']}|" \
-           f"{identity['seed']}|{digest}"
-
-
-def label(name, options):
-    """The table's row name: pvp says which module it starts from, pvp(vpt) or pvp(lora)."""
-    return f"pvp({options['method']})" if name == "pvp" else name
-
-# -----------------------------------------------------------------------------
-# the results file: lines appended under a lock, read back whatever is in it, runs claimed while they train
-
-
-REQUIRED = dict(key=str, method=str, status=str, seconds=(int, float))
-REQUIRED_OK = dict(test_top1=(int, float), val_top1=(int, float), trainable=int)
-
-
-def append(path, record):
-    """One JSON line, appended under an exclusive lock and flushed to disk: sweeps sharing --out never interleave.
-    A line torn by an earlier failed write is ended first, so it cannot swallow this one."""
+def one(record, m, task, k, s, cfg, backbone, device, chosen):
+    """Run `m` on `task` (k shots, seed s) into `record`: its numbers, or why it failed. --grid searches once per
+    method, task and shots, on the first seed's support set, and every seed runs the choice."""
     try:
-        with open(path, "ab+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX)
-            except OSError:  # a file system without flock (some NFS, Lustre; --shard): still one O_APPEND write
-                pass
-            end = f.seek(0, os.SEEK_END)
-            torn = end > 0 and f.seek(end - 1) == end - 1 and f.read(1) != b"\n"
-            f.write(b"\n" * torn + json.dumps(record).encode() + b"\n")
-            f.flush(), os.fsync(f.fileno())
-    except OSError as e:  # e.g. the disk is full
-        raise UsageError(f"cannot write {path}: {e.strerror or e}. The runs finished before this one are kept there; "
-                         f"free some space (or pass another --out) and run the same command again") from None
+        run_cfg = cfg
+        if cfg.grid:
+            if (m, task.name, k) not in chosen:
+                chosen[m, task.name, k] = search(m, search_task(cfg, task, k, s, backbone), backbone, cfg, device, s)
+            run_cfg, grid = chosen[m, task.name, k]
+            record |= dict(grid=grid, chosen=dict(lr=run_cfg.lr, wd=run_cfg.wd))
+        record |= run_one(m, task, backbone, run_cfg, device, s) | dict(status="ok")
+    except Diverged as e:
+        tqdm.write(f"failed: {m} on {task.name}, {k}-shot, seed {s}: {e}")
+        record |= dict(status="failed", error=str(e))
+    return record
 
 
-def finished(path, warn=False):
-    """{key: record} of the well-formed lines of a results file. A line that is not JSON, not an object or lacks a
-    field (a write cut short, an edit by hand) is skipped, so its run runs again; warn=True says which lines."""
-    if not path.exists():
-        return {}
-    if not path.is_file():  # a FIFO or a device would be read forever
-        raise UsageError(f"{path} is not a regular file (a re-run reads it whole): move it away, or give another --out")
-    try:
-        text = path.read_bytes().decode("utf-8", errors="replace")
-    except OSError as e:
-        raise UsageError(f"cannot read {path} ({e.strerror or e}), the results of earlier runs in --out: fix its "
-                         "permissions, or give another --out") from None
-    records, bad = {}, []
-    for n, line in enumerate(text.splitlines(), 1):
-        try:
-            r = json.loads(line)
-        except ValueError:
-            r = None
-        need_ok = REQUIRED | (REQUIRED_OK if isinstance(r, dict) and r.get("status") == "ok" else {})
-        if isinstance(r, dict) and all(isinstance(r.get(k), t) for k, t in need_ok.items()):
-            records[r["key"]] = r
-        elif line.strip():
-            bad.append(n)
-    if warn and bad:
-        shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-        print(f"warning: {path}: skipped {len(bad)} line(s) that are not whole results lines (line {shown}); their "
-              "runs, if planned, run again", file=sys.stderr)
-    return records
-
-
-def claim(out, key):
-    """An open file holding an exclusive lock for run `key` while it trains, or None if another process holds it:
-    two sweeps on one --out split the work instead of repeating it. The OS drops the lock if the process dies."""
-    d = out / ".claims"
-    d.mkdir(exist_ok=True)
-    f = open(d / hashlib.sha1(key.encode()).hexdigest()[:16], "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return f
-    except BlockingIOError:
-        f.close()
-        return None
-
-# -----------------------------------------------------------------------------
-# the table and the plot
-
-
-def cells(records, rows):
-    """{(row, shots): (per-seed test top-1 averaged over tasks, the runs)} over the finished runs."""
-    out = {}
-    for m in rows:
-        for k in sorted({r["shots"] for r in records if r["row"] == m}, key=lambda s: (s == "all", s)):
-            rs = [r for r in records if r["row"] == m and r["shots"] == k and r["status"] == "ok"]
-            per_seed = [[r["test_top1"] for r in rs if r["seed"] == s] for s in sorted({r["seed"] for r in rs})]
-            if rs:
-                out[m, k] = torch.tensor([sum(a) / len(a) for a in per_seed]), rs
-    return out
-
-
-def summarize(records, rows, backbone_params):
-    """Markdown: method x shots, test top-1 as mean ± std over seeds of the mean over tasks."""
-    lines = ["| method | shots | test top-1 (%) | seeds x tasks | trainable params | % of backbone | s / run |",
-             "|---|---|---|---|---|---|---|"]
-    for (m, k), (acc, rs) in cells(records, rows).items():
-        spread = f" ± {acc.std().item():.2f}" if len(acc) > 1 else ""
-        p = sum(r["trainable"] for r in rs) / len(rs)
-        lines.append(f"| {m} | {k} | {acc.mean():.2f}{spread} | {len(acc)} x {len(rs) // len(acc)} | {p:,.0f} | "
-                     f"{100 * p / backbone_params:.3f} | {sum(r['seconds'] for r in rs) / len(rs):.1f} |")
-    return "\n".join(lines)
-
-
-def plot(records, rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    table = cells(records, rows)
-    for m in rows:
-        points = [(k, acc.mean().item(), acc.std().item() if len(acc) > 1 else 0.0)
-                  for (mm, k), (acc, _) in table.items() if mm == m and k != "all"]
-        if points:
-            shots, mean, std = map(torch.tensor, zip(*points))
-            ax.plot(shots, mean, marker="o", label=m)
-            ax.fill_between(shots, mean - std, mean + std, alpha=0.15)
-    ax.set(xscale="log", xlabel="shots per class", ylabel="test top-1 (%)", title="few-shot accuracy (mean ± std over seeds)")
-    ax.set_xticks([1, 2, 4, 8, 16], ["1", "2", "4", "8", "16"])
-    ax.grid(alpha=0.3), ax.legend(fontsize=8)
-    fig.tight_layout(), fig.savefig(path, dpi=120)
-
-# -----------------------------------------------------------------------------
-# devices, torchrun, and the checks made before any work
-
-
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-
-
-def check_device(flag, name):
-    """A torch device this machine runs (cpu, cuda[:n] with that GPU, mps), or one UsageError naming the flag."""
-    try:
-        device = pick_device(name)
-    except RuntimeError:
-        raise UsageError(f"{flag} {name}: not a torch device; use auto, cpu, cuda, cuda:<n> or mps") from None
-    need(device.type in ("cpu", "cuda", "mps"), f"{flag} {name}: nanoPETL runs on cpu, cuda or mps, not "
-         f"{device.type}; use auto, cpu, cuda, cuda:<n> or mps")
-    need(device.type == "cuda" or device.index is None, f"{flag} {name}: only CUDA devices are numbered; use "
-         f"{device.type}")
-    for kind, there in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())):
-        need(device.type != kind or there, f"{flag} {name}: no {kind.upper()} here; use cpu or auto")
-    need(device.type != "cuda" or (device.index or 0) < torch.cuda.device_count(), f"{flag} {name}: this machine has "
-         f"{torch.cuda.device_count()} GPU(s), numbered from 0")
-    return device
-
-
-def check_environment():
-    """The environment variables nanoPETL reads, checked before any work: one UsageError each."""
-    data.max_gb()  # NANOPETL_MAX_GB: data.py reads and checks its own
-    cache = os.environ.get("NANOPETL_CACHE")
-    need(not cache or not any(p.exists() and not p.is_dir() for p in (Path(cache), *Path(cache).parents)),
-         f"NANOPETL_CACHE={cache} is, or lies under, a file: it must name the folder for downloaded weights; unset it "
-         "or point it at a folder")
-    if "LOCAL_RANK" in os.environ:  # torchrun sets all of these; a stray LOCAL_RANK alone would hang in init
-        torchrun = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-        missing = [k for k in torchrun if k not in os.environ]
-        bad = [k for k in torchrun if k != "MASTER_ADDR" and not os.environ.get(k, "0").isdigit()]
-        need(not missing, f"LOCAL_RANK={os.environ['LOCAL_RANK']} is set, but {', '.join(missing)} "
-             f"{'is' if len(missing) == 1 else 'are'} not: run under torchrun, or unset LOCAL_RANK")
-        need(not bad, f"{', '.join(f'{k}={os.environ[k]}' for k in bad)}: torchrun's variables are whole numbers; "
-             "run under torchrun, or unset them")
-
-
-def init_distributed(device):
-    """(rank, world size, device). Under torchrun: join the group (NCCL on CUDA, gloo on CPU), one GPU per rank."""
-    if "LOCAL_RANK" not in os.environ:
-        return 0, 1, pick_device(device)
-    cuda, local = torch.cuda.is_available() and device in ("auto", "cuda"), int(os.environ["LOCAL_RANK"])
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(days=7))  # ranks wait at the end
-    if cuda:
-        torch.cuda.set_device(local)
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}") if cuda else pick_device(device)
-
-
-MAX_SEED, MAX_IMG = 2**32 - 1, 1024  # seeds feed torch generators; past 1024 px a ViT-B/16 step needs > 100 GB
-
-
-def check(cfg):
-    """Refuse what cannot work before any time is spent: one UsageError naming the flag and what to do.
-    Returns (methods, shots, seeds, {method: its options as resolved})."""
-    def listed(flag, text, kind, ok, what):  # a comma list of `kind`, each ok(value), none twice
-        try:
-            values = [kind(v) if kind is not int or re.fullmatch(r"-?[0-9]+", v.strip()) else None
-                      for v in text.split(",")]
-        except ValueError:
-            values = []
-        need(values and None not in values and all(map(ok, values)), f"{flag} must be {what}, got {text!r}")
-        need(len(set(values)) == len(values), f"{flag} {text} names a value twice: give each once")
-        return values
-
-    methods = list(METHODS) if cfg.method.strip() == "all" else [m.strip() for m in cfg.method.split(",")]
-    need(all(methods), f"--method {cfg.method!r} has an empty name: a comma list of names, e.g. linear,vpt")
-    need("all" not in methods, f"--method {cfg.method}: 'all' stands alone (it means every method)")
-    unknown = [m for m in methods if m not in METHODS]
-    need(not unknown, f"unknown method {', '.join(unknown)}: choose from {', '.join(METHODS)}, or all")
-    need(len(set(methods)) == len(methods), f"--method {cfg.method} names a method twice")
-    lr_max = 1e4  # above it a run only diverges, or overflows AdamW's float32 step (from ~1e37) with a traceback
-    need(0 < cfg.lr <= lr_max, f"--lr must be a positive number, at most {lr_max:g}, got {cfg.lr}")
-    shots = [None] if cfg.shots == "all" else listed("--shots", cfg.shots, int, lambda k: k >= 1,
-                                                     "'all' or a comma list of whole numbers from 1 up")
-    seeds = listed("--seeds", cfg.seeds, int, lambda s: 0 <= s <= MAX_SEED,
-                   f"a comma list of whole numbers from 0 to {MAX_SEED}")
-    need(cfg.grid or (cfg.grid_lr, cfg.grid_wd) == (Config.grid_lr, Config.grid_wd),
-         "--grid-lr and --grid-wd are the grid that --grid searches: add --grid, or drop them")
-    listed("--grid-lr", cfg.grid_lr, float, lambda v: 0 < v <= lr_max, f"a comma list of lrs in (0, {lr_max:g}]")
-    listed("--grid-wd", cfg.grid_wd, float, lambda v: 0 <= v < math.inf, "a comma list of weight decays >= 0")
-    for flag, ok, what in (
-            ("--wd", cfg.wd >= 0 and math.isfinite(cfg.wd), "a number >= 0"), ("--batch", cfg.batch >= 1, "at least 1"),
-            ("--epochs", cfg.epochs >= 1, "at least 1"), ("--warmup", 0 <= cfg.warmup <= 1, "a fraction in [0, 1]"),
-            ("--max-steps", cfg.max_steps is None or cfg.max_steps >= 1, "at least 1 (leave it out for no cap)"),
-            ("--prune-tokens", 0 <= cfg.prune_tokens < 1, "a fraction in [0, 1)"),
-            ("--prune-segments", 0 <= cfg.prune_segments < 1, "a fraction in [0, 1)"),
-            ("--prompts", cfg.prompts is None or cfg.prompts >= 1, "at least 1"),
-            ("--kv-prompts", cfg.kv_prompts is None or cfg.kv_prompts >= 0, "at least 0"),
-            ("--rank", cfg.rank is None or cfg.rank >= 1, "at least 1"),
-            ("--img-size", cfg.img_size is None or 1 <= cfg.img_size <= MAX_IMG, f"from 1 to {MAX_IMG}"),
-            ("--warmup-lr", cfg.warmup_lr is None or 0 <= cfg.warmup_lr <= cfg.lr, f"a number from 0 to --lr "
-                                                                                   f"({cfg.lr:g})"),
-            ("--min-lr", 0 <= cfg.min_lr <= cfg.lr, f"a number from 0 to --lr ({cfg.lr:g})"),
-            ("--label-smoothing", 0 <= cfg.label_smoothing < 1, "a fraction in [0, 1)"),
-            ("--mixup", 0 <= cfg.mixup <= 100, "an alpha >= 0 (0: off)"), ("--cutmix", 0 <= cfg.cutmix <= 100,
-                                                                            "an alpha >= 0 (0: off)"),
-            ("--reprob", 0 <= cfg.reprob <= 1, "a probability in [0, 1]"),
-            ("--drop-path", 0 <= cfg.drop_path < 1, "a rate in [0, 1)")):
-        need(ok, f"{flag} must be {what}, got {getattr(cfg, flag[2:].replace('-', '_'))}")
-    listed("--prune-grid", cfg.prune_grid, float, lambda v: 0 <= v < 1, "a comma list of fractions in [0, 1)")
-    need(cfg.reprob == 0 or cfg.aug == "randaug", "--reprob is random erasing inside --aug randaug: "
-         "add --aug randaug, or drop --reprob")
-    for flag, value, choices in (("--optimizer", cfg.optimizer, ("adamw", "sgd")), ("--recipe", cfg.recipe, RECIPES),
-                                 ("--aug", cfg.aug, (None, "none", "crop_flip", "randaug")),
-                                 ("--schedule", cfg.schedule, ("step", "epoch", "timm")),
-                                 ("--prune", cfg.prune, ("nanopetl", "official", "none")),
-                                 ("--head-init", cfg.head_init, ("zero", "prototype", "trunc_normal", "kaiming")),
-                                 ("--norm", cfg.norm, (None, *data.NORMS)), ("--arch", cfg.arch, tuple(vitlib.PRESETS))):
-        need(value in choices, f"{flag} {value}: choose one of {', '.join(c for c in choices if c)}")
-    arch = "vit_synthetic" if cfg.weights is None else vitlib.PRETRAINED.get(cfg.weights, {}).get("preset", cfg.arch)
-    patch = getattr(vitlib.PRESETS[arch], "keywords", {}).get("patch_size") or 1
-    need(not cfg.img_size or cfg.img_size % patch == 0,
-         f"--img-size {cfg.img_size} must be a multiple of {patch}, the patch size of {arch}")
-    # the data: a known name, and the flags that go with it
-    name, _, sub = cfg.data.partition(":")
-    need(name in data.DATASETS, f"unknown dataset {name!r} (--data): choose one of {', '.join(data.DATASETS)}")
-    need(name != "synthetic" or not sub or sub in data.SYNTHETIC_TASKS, f"unknown synthetic task {sub!r} (--data "
-         f"synthetic:<task>): choose one of {', '.join(data.SYNTHETIC_TASKS)}, or --data synthetic for all")
-    need(name != "synthetic" or cfg.data_root is None, f"--data-root is for data on disk; the embedded --data {cfg.data} "
-         "has none: drop it")
-    need(not cfg.download or name in data.TORCHVISION, f"--download fetches {', '.join(data.TORCHVISION)} through "
-         f"torchvision, not --data {cfg.data}: drop it")
-    need(cfg.vtab_task is None or name == "vtab1k", f"--vtab-task is for --data vtab1k, not --data {cfg.data}: drop it")
-    if name != "synthetic":
-        need(cfg.data_root is not None, f"--data {name} reads from disk: give its root (--data-root), laid out as "
-             f"{data.LAYOUTS[name]}")
-        need(cfg.download or Path(cfg.data_root).is_dir(), f"--data-root {cfg.data_root} does not exist (or is not a "
-             f"folder): give the folder that holds {data.LAYOUTS[name]}")
-    task = cfg.vtab_task or sub
-    need(name != "vtab1k" or task in data.VTAB_TASKS, (f"--vtab-task {task!r} is not a VTAB-1k task folder: choose"
-         if task else "--data vtab1k needs --vtab-task <folder>,") + f" one of {', '.join(data.VTAB_TASKS)}")
-    need(name != "noah-fewshot" or None not in shots, "--data noah-fewshot reads the list file of each shots and seed: "
-         "give --shots from 1,2,4,8,16, not all")
-    # the checkpoints
-    need(cfg.weights is None or cfg.weights in vitlib.PRETRAINED or Path(cfg.weights).is_file(),
-         f"--weights: no checkpoint file at {cfg.weights}, and not one of the named weights "
-         f"{', '.join(vitlib.PRETRAINED)}")
-    if cfg.pvp_init and "pvp" not in methods:  # harmless (one flag set for many sweeps), but maybe a slip: say so
-        print(f"warning: --pvp-init is where --method pvp starts, and --method {cfg.method} has no pvp: it is ignored",
-              file=sys.stderr)
-    need(cfg.pvp_init is None or Path(cfg.pvp_init).is_file(), f"--pvp-init: no module checkpoint at {cfg.pvp_init}; "
-         "make one with python pvp_pretrain.py --weights <this backbone> --out <path>")
-    need("pvp" not in methods or cfg.pvp_init or cfg.weights is None, "--method pvp with --weights needs --pvp-init: a "
-         "module checkpoint pre-trained on that backbone (python pvp_pretrain.py --weights ...)")
-    configs = check_options(cfg, methods, arch)
-    # --- issue 13: the data path's flags
-    need(cfg.workers is None or cfg.workers >= 0, f"--workers must be 0 (load in this process) or more, got {cfg.workers}")
-    need(cfg.cache_gb is None or cfg.cache_gb >= 0, f"--cache-gb must be a number of GB >= 0 (0: stream every split "
-         f"from disk), got {cfg.cache_gb}")
-    i, slash, n = (cfg.shard or "0/1").partition("/")
-    need(slash and i.isdigit() and n.isdigit() and int(i) < int(n), f"--shard {cfg.shard}: write i/n with 0 <= i < n, "
-         "e.g. --shard 0/4 ... --shard 3/4 for four jobs")
-    # the device and the environment
-    device = check_device("--device", cfg.device)
-    need(not cfg.amp or device.type == "cuda", f"--amp is bf16 autocast on CUDA, and this run is on {device.type}: "
-         "drop --amp")
-    check_environment()
-    # --out: a folder we can write, whose results.jsonl (if any) is a plain file
-    out, results = Path(cfg.out), Path(cfg.out) / "results.jsonl"
-    need(not out.exists() or out.is_dir(), f"--out {out} is a file, not a folder: give a folder for results.jsonl")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--out {out}: cannot create that folder ({e.strerror}): give one you can write to") from None
-    need(os.access(out, os.W_OK), f"--out {out}: cannot write in that folder: give one you can write to")
-    need(not results.exists() or results.is_file(), f"{results} is not a regular file (a re-run reads it whole): "
-         "move it away, or give another --out")
-    return methods, shots, seeds, configs
-
-
-def check_options(cfg, methods, arch):
-    """Method options: each given one taken by some chosen method, each value one its constructor accepts (tried on
-    a weightless 'meta' copy of the backbone), and none that contradicts a pvp module's own."""
-    given = given_options(cfg)
-    builders = [m for m in methods if m != "pvp"]
-    takers = {k: [m for m in builders if k in options_of(METHODS[m])] for k in given}
-    if "pvp" in methods and cfg.pvp_init:  # the module's options are its checkpoint's: a flag may not differ
-        meta = module_header(cfg.pvp_init)
-        clash = {k: (v, meta["config"][k]) for k, v in given.items() if k in meta["config"] and meta["config"][k] != v}
-        need(not clash, f"--pvp-init {cfg.pvp_init} holds a {meta['method']} module with " + ", ".join(
-            f"{k}={theirs!r}" for k, (_, theirs) in clash.items()) + ", and this command asks for " + ", ".join(
-            f"{k}={mine!r}" for k, (mine, _) in clash.items()) + ": pvp keeps its module's options, so compare like "
-            "with like (drop the flag, or pre-train a module with it: pvp_pretrain.py)")
-        takers = {k: ms + ["pvp"] * (k in meta["config"]) for k, ms in takers.items()}
-    for k, ms in takers.items():
-        flag = next((f"--{f.replace('_', '-')}" for f, (o, _) in FLAGS.items() if o == k and getattr(cfg, f) is not
-                     None), f"--opt {k}")
-        if not ms and flag.startswith("--opt"):
-            raise UsageError(f"{flag}: none of --method {','.join(methods)} takes it; " + "; ".join(
-                f"{m} takes {', '.join(options_of(METHODS[m])) or 'no options'}" for m in builders))
-        if not ms:  # a named option (--prompts, --rank, ...) set once for many sweeps: a warning
-            print(f"warning: {flag} is ignored: none of --method {','.join(methods)} takes {k}", file=sys.stderr)
-    for m in builders:
-        for k, v in method_options(m, cfg).items():
-            check_type(m, k, v, options_of(METHODS[m])[k])
-    configs = {}
-    if not builders:  # pvp alone: its options are its checkpoint's (and a first meta build costs about a second)
-        return configs
-    with torch.device("meta"):  # no memory, no weights: the constructors check their own arguments
-        skeleton = vitlib.PRESETS[arch](num_classes=0, **({"img_size": cfg.img_size} if cfg.img_size else {}))
-        for m in builders:
-            try:
-                configs[m] = METHODS[m](copy.deepcopy(skeleton), num_classes=2, **method_options(m, cfg)).config
-            except (TypeError, ValueError) as e:
-                raise UsageError(f"--method {m}: {e}; change the option (--opt NAME=VALUE or its flag)") from None
-    return configs  # as the constructors resolve them (defaults filled in): what a run's key holds
-
-# -----------------------------------------------------------------------------
-# the sweep
+def sweep(cfg, plan, methods, configs, module, backbone, backbone_name, device, rank, world):
+    """Run every planned run not yet in --out's results.jsonl, and append its line as it finishes. Two sweeps on one
+    --out split the runs (a claim each); --shard i/n and torchrun ranks take every n-th. Returns the planned keys."""
+    out, backbone_params, backbone_hash = Path(cfg.out), count(backbone.parameters()), plumbing.weights_hash(backbone)
+    results = out / "results.jsonl"
+    done = plumbing.finished(results, warn=rank == 0)
+    chosen, planned, n = {}, [], -1  # --grid: (method, task, shots) -> (config, grid)
+    shard, shards = map(int, (cfg.shard or "0/1").split("/"))  # --shard i/n: this job runs index % n == i
+    total = len(plan) * len(methods) * (5 if cfg.data == "synthetic" else 1)
+    bar = tqdm(total=total, desc="runs" if world == 1 else f"runs of rank {rank}", dynamic_ncols=True)
+    for k, s in plan:
+        tasks = data.load_task(cfg.data, cfg.data_root, shots=k, seed=s, img_size=cfg.img_size or backbone.img_size,
+                               norm=cfg.norm, vtab_task=cfg.vtab_task, download=cfg.download, cache_gb=cfg.cache_gb,
+                               workers=cfg.workers)
+        for task in tasks:
+            task.train_aug = cfg.aug or task.train_aug
+            task.val, task.test = plumbing.on_device(task.val, device), plumbing.on_device(task.test, device)
+            for m in methods:
+                identity = run_identity(m, task, cfg, backbone_hash, module if m == "pvp" else configs[m])
+                key, n = plumbing.run_key(identity), n + 1
+                planned.append(key)
+                if key in done or n % shards != shard or n // shards % world != rank:
+                    bar.update()
+                    continue
+                lock = plumbing.claim(out, key) if shards == 1 else None  # --shard: the jobs' runs are disjoint
+                if shards == 1 and (lock is None or key in (done := done | plumbing.finished(results))):
+                    lock and lock.close()  # another sweep has it or did it
+                    bar.update()
+                    continue
+                bar.set_description(f"{m} {task.name} {k or 'all'}-shot seed {s}")
+                t0 = time.time()
+                record = dict(key=key, method=m, row=plumbing.label(m, identity["options"]), dataset=task.name,
+                              shots=k or "all", seed=s, identity=identity, backbone=backbone_name, weights=cfg.weights,
+                              pvp_init=cfg.pvp_init if m == "pvp" else None, protocol=identity["protocol"],
+                              recipe=cfg.recipe, mean=task.mean, std=task.std, train_aug=task.train_aug,
+                              sizes=dict(train=len(task.train), val=len(task.val), test=len(task.test)),
+                              num_classes=task.num_classes, backbone_params=backbone_params, compiled=cfg.compile,
+                              device=str(device))
+                one(record, m, task, k, s, cfg, backbone, device, chosen)
+                record["seconds"] = round(time.time() - t0, 2)
+                plumbing.append(results, record)
+                done[key] = record
+                lock and lock.close()
+                bar.update()
+    bar.close()
+    return planned
 
 
 def main(argv=None):
     cfg = parse(argv)
-    methods, shots, seeds, configs = check(cfg)
-    rank, world, device = init_distributed(cfg.device)  # under torchrun each rank takes every world-th run
-    out = Path(cfg.out)  # check() made it
-    backbone, backbone_name = load_backbone(cfg.weights, cfg.arch, cfg.img_size)
-    backbone_params, backbone_hash = count(backbone.parameters()), weights_hash(backbone)
+    methods, shots, seeds, configs = plumbing.check_sweep(cfg, METHODS, RECIPES, FLAGS, method_options)
+    rank, world, device = plumbing.init_distributed(cfg.device)  # under torchrun each rank takes every world-th run
+    backbone, backbone_name = plumbing.load_backbone(cfg.weights, cfg.arch, cfg.img_size)
+    backbone_params, backbone_hash = count(backbone.parameters()), plumbing.weights_hash(backbone)
     module = None
     if "pvp" in methods:  # its module, read and checked once before any run
-        cfg = dataclasses.replace(cfg, pvp_init=str(cfg.pvp_init or embedded_pvp(backbone)))
-        meta, tensors = read_module(cfg.pvp_init, backbone)
-        module = dict(method=meta["method"], config=meta["config"], hash=tensors_hash(tensors))
+        cfg = dataclasses.replace(cfg, pvp_init=str(cfg.pvp_init or plumbing.embedded_pvp(backbone, METHODS)))
+        meta, tensors = plumbing.read_module(cfg.pvp_init, backbone, METHODS)
+        module = dict(method=meta["method"], config=meta["config"], hash=plumbing.tensors_hash(tensors))
     print(f"nanoPETL few-shot: {', '.join(methods)} on {cfg.data} x shots {cfg.shots} x seeds {cfg.seeds}, "
           f"backbone {backbone_name} ({backbone_params:,} params, weights {backbone_hash}) on {device}"
           f"{' (torch.compile)' * cfg.compile}\nprotocol (recipe {cfg.recipe}): "
-          f"{json.dumps({k: getattr(cfg, k) for k in PROTOCOL})}\n"
-          "options: " + "; ".join(f"{m} {json.dumps(module if m == 'pvp' else method_options(m, cfg))}" for m in methods))
-    results = out / "results.jsonl"
-    done = finished(results, warn=rank == 0)
-    plan = [(k, s) for k in shots for s in seeds]
-    total = len(plan) * len(methods) * (5 if cfg.data == "synthetic" else 1)
-    chosen = {}  # --grid: (method, task, shots) -> (config, grid)
-    shard, shards = map(int, (cfg.shard or "0/1").split("/"))  # --shard i/n: this job runs index % n == i
-    bar, n, planned = tqdm(total=total, desc="runs" if world == 1 else f"runs of rank {rank}", dynamic_ncols=True), -1, []
+          f"{json.dumps({k: getattr(cfg, k) for k in PROTOCOL})}\noptions: " +
+          "; ".join(f"{m} {json.dumps(module if m == 'pvp' else method_options(m, cfg))}" for m in methods))
+    results = Path(cfg.out) / "results.jsonl"
     try:
-        for k, s in plan:
-            tasks = data.load_task(cfg.data, cfg.data_root, shots=k, seed=s, img_size=cfg.img_size or backbone.img_size,
-                                   norm=cfg.norm, vtab_task=cfg.vtab_task, download=cfg.download,
-                                   cache_gb=cfg.cache_gb, workers=cfg.workers)
-            for task in tasks:
-                task.train_aug = cfg.aug or task.train_aug
-                task.val, task.test = on_device(task.val, device), on_device(task.test, device)
-                for m in methods:
-                    identity = run_identity(m, task, cfg, backbone_hash, module if m == "pvp" else configs[m])
-                    key, n = run_key(identity), n + 1
-                    planned.append(key)
-                    if key in done or n % shards != shard or n // shards % world != rank:
-                        bar.update()
-                        continue
-                    lock = claim(out, key) if shards == 1 else None  # --shard: the jobs' runs are disjoint, no locks
-                    if shards == 1 and (lock is None or key in (done := done | finished(results))):  # another sweep
-                        lock and lock.close()  # has it or did it
-                        bar.update()
-                        continue
-                    bar.set_description(f"{m} {task.name} {k or 'all'}-shot seed {s}")
-                    t0 = time.time()
-                    record = dict(key=key, method=m, row=label(m, identity["options"]), dataset=task.name,
-                                  shots=k or "all", seed=s, identity=identity, backbone=backbone_name,
-                                  weights=cfg.weights, pvp_init=cfg.pvp_init if m == "pvp" else None,
-                                  protocol=identity["protocol"], recipe=cfg.recipe, mean=task.mean, std=task.std,
-                                  train_aug=task.train_aug,
-                                  sizes=dict(train=len(task.train), val=len(task.val), test=len(task.test)),
-                                  num_classes=task.num_classes, backbone_params=backbone_params, compiled=cfg.compile,
-                                  device=str(device))
-                    try:
-                        run_cfg = cfg
-                        if cfg.grid:  # once per method, task and shots, on the first seed's support set
-                            if (m, task.name, k) not in chosen:
-                                chosen[m, task.name, k] = search(m, search_task(cfg, task, k, s, backbone), backbone,
-                                                                 cfg, device, s)
-                            run_cfg, grid = chosen[m, task.name, k]
-                            record |= dict(grid=grid, chosen=dict(lr=run_cfg.lr, wd=run_cfg.wd))
-                        record |= run_one(m, task, backbone, run_cfg, device, s) | dict(status="ok")
-                    except Diverged as e:
-                        tqdm.write(f"failed: {m} on {task.name}, {k}-shot, seed {s}: {e}")
-                        record |= dict(status="failed", error=str(e))
-                    record["seconds"] = round(time.time() - t0, 2)
-                    append(results, record)
-                    done[key] = record
-                    lock and lock.close()
-                    bar.update()
+        planned = sweep(cfg, [(k, s) for k in shots for s in seeds], methods, configs, module, backbone,
+                        backbone_name, device, rank, world)
     except KeyboardInterrupt:
-        bar.close()
-        print(f"\ninterrupted: every finished run is in {results}; run the same command again to go on",
-              file=sys.stderr)
+        plumbing.say(f"\ninterrupted: every finished run is in {results}; run the same command again to go on")
         return 130
-    bar.close()
     if world > 1:  # rank 0 waits for every rank, then reads the merged file and writes the table once
         dist.barrier()
         if rank != 0:
             return 0
-    done = finished(results)  # with what other ranks, or another sweep on this --out, wrote
-    if (missing := [key for key in planned if key not in done]) and shards > 1:
-        print(f"{len(missing)} of the {len(planned)} planned runs are not in {results} yet: other shards' (--shard "
-              f"i/{shards}); when every shard has finished, run any of them again (or this command without --shard) for "
-              "the full table", file=sys.stderr)
-    elif missing:
-        print(f"{len(missing)} runs are not in {results} yet: another sweep on {out} is running them; when it ends, "
-              "run this command again for the full table", file=sys.stderr)
+    done = plumbing.finished(results)  # with what other ranks, or another sweep on this --out, wrote
+    shards = int((cfg.shard or "0/1").split("/")[1])
+    plumbing.say_missing([key for key in planned if key not in done], planned, results, shards)
     records = [done[key] for key in dict.fromkeys(planned) if key in done]  # this command's runs, nothing else
     rows = list(dict.fromkeys(r["row"] for r in records))
-    table = summarize(records, rows, backbone_params)
-    if failed := sum(r["status"] != "ok" for r in records):
-        print(f"{failed} runs failed (their lines in {results} say why); the table leaves them out", file=sys.stderr)
-    print(table)
-    if cfg.weights is None and not {"linear", "vpt"} <= set(methods):  # the main job: say what to put beside it
-        print(f"How to read it: PVP's claim is against the same prompts started at random and the linear probe; "
-              f"run them on the same tasks with: python fewshot.py --method linear,vpt,{cfg.method} --shots {cfg.shots} "
-              f"--seeds {cfg.seeds} (the README's 'Embedded results' has every method at 1-16 shots)")
-    try:
-        (out / "summary.md").write_text(f"{cfg.data}, backbone {backbone_name} (weights {backbone_hash})\n\n{table}\n")
-        print(f"saved: {results}, {out / 'summary.md'}")
-        if cfg.plot:
-            plot(records, rows, out / "accuracy_vs_shots.png")
-            print(f"saved: {out / 'accuracy_vs_shots.png'}")
-    except OSError as e:
-        raise UsageError(f"cannot write {e.filename or out}: {e.strerror or e}. Every run is kept in {results}; free "
-                         f"some space and run the same command again to write the table") from None
+    plumbing.write_table(Path(cfg.out), results, records, rows, cfg, methods, backbone_name, backbone_hash, backbone_params)
     return 0
-
-
-def os_error_line(e, kept):
-    """One line for an OSError that reached the top: what failed on which file, and what to do about that errno."""
-    what = f"{e.filename}: {e.strerror or e}" if e.filename else str(e)
-    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        return f"error: cannot write {what}. {kept}: free some space and run the same command again"
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"error: not allowed: {what}. {kept}: fix the permissions (or choose other paths) and run it again"
-    return f"error: {what}. {kept}"
-
-
-def terminate_as_interrupt():
-    """SIGTERM (a scheduler ending a job) ends the run like Ctrl-C: finished work is kept and said so."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, interrupt)
 
 
 if __name__ == "__main__":
     results = Path(parse().out) / "results.jsonl"  # for the messages below (a flag argparse cannot read exits here)
-    terminate_as_interrupt()
-    try:
-        sys.exit(main())
-    except (UsageError, data.DataError, vitlib.CheckpointError) as e:
-        fail(f"error: {e}")
-    except KeyboardInterrupt:  # outside the sweep's own handler: loading, or writing the table
-        fail(f"interrupted: every run finished so far is in {results}; run the same command again to go on", 130)
-    except OSError as e:  # a read or write that failed outside the places that name their own file
-        fail(os_error_line(e, f"The runs finished before it are kept in {results}"))
+    plumbing.run_script(main, lambda: f"interrupted: every run finished so far is in {results}; run the same command "
+                        "again to go on", lambda: f"The runs finished before it are kept in {results}")

@@ -154,7 +154,7 @@ class LoRA(nn.Module):
         return self.head(self.features(images))  # (B, num_classes)
 
     # -------------------------------------------------------------------------
-    # what is trained and saved: A, B and the head; never a (possibly merged) backbone weight
+    # what is trained (and saved, by plumbing.module_state_dict): A, B and the head, never a backbone weight
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
@@ -164,35 +164,6 @@ class LoRA(nn.Module):
         """The formula of the docstring: depth * r * sum of (dim + rows) over targets + (dim+1) * classes."""
         rows = sum(3 * vit.dim if t == "qkv" else vit.dim for t in targets)
         return len(vit.blocks) * rank * (len(targets) * vit.dim + rows) + (vit.dim + 1) * num_classes
-
-    def _own(self, head):
-        """The method's tensors by name (the live ones): vit.blocks.{i}.attn.qkv.lora_A.q, ..., head.weight,
-        head.bias."""
-        return {k: v for k, v in self.state_dict(keep_vars=True).items()
-                if ".lora_" in k or (head and k.startswith("head."))}
-
-    def module_state_dict(self, head=True):
-        """A, B (and the head) as detached CPU copies; the same whether merged or not (merging edits only base)."""
-        return {k: v.detach().cpu().clone() for k, v in self._own(head).items()}
-
-    def load_module_state_dict(self, sd, head=True):
-        """Copy `sd` into A, B (and the head); every key must be there with its shape, or ValueError says which.
-        head=False leaves the head alone and ignores head.* entries of `sd`. A merged model is unmerged, loaded
-        and merged again, so the frozen weights always hold W_0 + the loaded update."""
-        own = self._own(head)
-        sd = {k: v for k, v in sd.items() if head or not k.startswith("head.")}
-        problems = [f"missing {k}" for k in own if k not in sd]
-        problems += [f"unexpected {k}" for k in sd if k not in own]
-        problems += [f"shape of {k}: got {tuple(v.shape)}, expected {tuple(own[k].shape)}"
-                     for k, v in sd.items() if k in own and v.shape != own[k].shape]
-        if problems:
-            raise ValueError(f"lora module state dict does not fit (config {self.config}): " + "; ".join(problems))
-        merged = self.merged
-        self.unmerge()
-        with torch.no_grad():
-            for k, v in sd.items():
-                own[k].copy_(v)
-        return self.merge() if merged else self
 
 
 # -----------------------------------------------------------------------------

@@ -10,15 +10,13 @@ Parameter names are timm's, so a timm state dict loads as it is; `load_pretraine
 `.npz` (the ImageNet-21k ViT-B/16 of VPT, E2VPT and PVP) and torchvision's `vit_b_16` layout.
 
 How a method attaches (vpt.py, e2vpt.py, lora.py wrap this model and never copy it, nor any part of it):
-  - the loop: vit.embed(images) -> tokens, `for blk in vit.blocks: x = blk(x)`, vit.norm, vit.head, which a
-    method writes out itself to add tokens between blocks (VPT's prompts); the last block takes cls_only=True,
-    as only its CLS row is read after it (`ViT.features`);
+  - the loop: vit.embed(images) -> tokens, `for blk in vit.blocks: x = blk(x)`, vit.norm, vit.head, written out
+    by a method that adds tokens between blocks (VPT's prompts), the last block with cls_only=True (ViT.features);
   - blk(x, kv_prompt=(keys, values)): tokens joined to the keys and values only (E2VPT's key-value prompts);
+  - blk.mlp_branch = module (None by default): a branch beside the MLP, reading z' (AdaptFormer, Chen et al., arXiv
+    2205.13535; the official Block.forward in ShoufaChen/AdaptFormer models/custom_modules.py);
   - in-place replacement of any submodule, e.g. blk.attn.qkv = Wrap(blk.attn.qkv): LoRA beside a Linear, or SSF's
-    scale-and-shift after every Linear and LayerNorm (Lian et al., arXiv 2210.08823; dongzelian/SSF ssf_ada);
-  - blk.mlp_branch = module (None by default): a branch beside the MLP that reads the block's residual stream x
-    before norm2, x + mlp(norm2(x)) + mlp_branch(x) (AdaptFormer, Chen et al., arXiv 2205.13535; the official
-    Block.forward in ShoufaChen/AdaptFormer models/custom_modules.py).
+    scale-and-shift after every Linear and LayerNorm (Lian et al., arXiv 2210.08823; dongzelian/SSF ssf_ada).
 ViT(drop_path=r) adds stochastic depth (timm's rule, for recipes that train with it); off by default.
 run: python vit.py [--preset NAME] [--weights SOURCE]   (parameter counts; --weights: does a checkpoint load?)
 """
@@ -84,18 +82,22 @@ def drop_path(x, rate, training):
 
 
 class Block(nn.Module):
+    """One pre-norm encoder layer: z' = MSA(LN(z)) + z, then z = MLP(LN(z')) + z'. Its seams:
+      kv_prompt=(P_K, P_V): E2VPT's K' = [P_K; K], V' = [P_V; V], joined after the key and value projections;
+      mlp_branch: a module beside the MLP, z = MLP(LN(z')) + z' + branch(z') (AdaptFormer; SSF replaces submodules);
+      drop_path: stochastic depth on both residual branches, exact at 0 (the very same tensor at rate 0 or in eval).
+    cls_only=True is a speed trick, not a method: only the CLS row is read after the last block, so only it is made."""
+
     def __init__(self, dim, heads, mlp_ratio, drop_path=0.0):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path, self.mlp_branch = drop_path, None  # mlp_branch: a method's module beside the MLP
+        self.drop_path, self.mlp_branch = drop_path, None  # the rate, and a method's module beside the MLP
 
     def forward(self, x, kv_prompt=None, cls_only=False):
-        # cls_only (the last block): only the CLS row is read after it, so only it queries, and the projection and
-        # the MLP run on that row alone -- the same CLS output for about a quarter of the block's arithmetic.
-        q, rate = (1 if cls_only else None), self.drop_path
-        x = x[:, :q] + drop_path(self.attn(self.norm1(x), kv_prompt, queries=q), rate, self.training)  # (B, N or 1, D)
-        out = x + drop_path(self.mlp(self.norm2(x)), rate, self.training)
+        rows, drop = (1 if cls_only else None), lambda y: drop_path(y, self.drop_path, self.training)
+        x = x[:, :rows] + drop(self.attn(self.norm1(x), kv_prompt, queries=rows))  # z' = MSA(LN(z)) + z, (B, N|1, D)
+        out = x + drop(self.mlp(self.norm2(x)))  # z = MLP(LN(z')) + z'
         return out if self.mlp_branch is None else out + self.mlp_branch(x)  # AdaptFormer's branch is never dropped
 
 
@@ -170,7 +172,9 @@ PRESETS = dict(vit_base_patch16=vit_base_patch16, vit_small_patch16=vit_small_pa
 # -----------------------------------------------------------------------------
 # checkpoints: named weights, files read without running code, every layout converted to timm's names
 
-PRETRAINED = {  # google-research/vision_transformer's release (README, "Available ViT models"); both were trained on inputs in [-1, 1] ("inception" 0.5/0.5 normalisation)
+# google-research/vision_transformer's release (README, "Available ViT models"); both were trained on inputs in
+# [-1, 1] ("inception" 0.5/0.5 normalisation)
+PRETRAINED = {
     "vit_b16_in21k": dict(  # Google's supervised ImageNet-21k ViT-B/16: the backbone of VPT, E2VPT, NOAH and PVP
         url="https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz",
         md5_prefix="d9715d", preset="vit_base_patch16", norm="inception", num_classes=21843),  # md5: KMnP/vpt README
@@ -315,7 +319,8 @@ def _from_google(w):
     return sd
 
 
-TORCHVISION_NAMES = [  # torchvision's vit_b_16 -> timm: a pure rename, same tensors (torchvision/models/vision_transformer.py)
+# torchvision's vit_b_16 -> timm: a pure rename, same tensors (torchvision/models/vision_transformer.py)
+TORCHVISION_NAMES = [
     (r"^class_token$", "cls_token"), (r"^conv_proj\.", "patch_embed.proj."), (r"^encoder\.pos_embedding$", "pos_embed"),
     (r"^encoder\.ln\.", "norm."), (r"^heads\.head\.", "head."), (r"^heads\.pre_logits\.", "pre_logits."),
     (r"^encoder\.layers\.encoder_layer_(\d+)\.", r"blocks.\1."), (r"\.ln_(1|2)\.", r".norm\1."),

@@ -75,7 +75,7 @@ class VPT(nn.Module):
         return self.head(self.features(images))  # (B, num_classes)
 
     # -------------------------------------------------------------------------
-    # what is trained and saved: the prompts and the head, never the backbone
+    # what is trained (and saved, by plumbing.module_state_dict): the prompts and the head, never the backbone
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
@@ -84,33 +84,6 @@ class VPT(nn.Module):
     def trainable_count(vit, num_classes, *, num_prompts, deep, dropout):
         """The formula of the docstring: (depth if deep else 1) * p * dim, plus the head's (dim+1) * classes."""
         return (len(vit.blocks) if deep else 1) * num_prompts * vit.dim + (vit.dim + 1) * num_classes
-
-    def _own(self, head):
-        """The method's tensors by name (the live ones), as in this module's state_dict."""
-        return {k: v for k, v in self.state_dict(keep_vars=True).items()
-                if not k.startswith("vit.") and (head or not k.startswith("head."))}
-
-    def module_state_dict(self, head=True):
-        """{"prompts", "head.weight", "head.bias"} (head=False: the prompts only), as detached CPU copies."""
-        return {k: v.detach().cpu().clone() for k, v in self._own(head).items()}
-
-    def load_module_state_dict(self, sd, head=True):
-        """Copy `sd` into the method's tensors; every key must be there with its shape, or ValueError says which.
-        head=False leaves the head alone and ignores any head.* entries of `sd` (PVP: the source head is not
-        reused)."""
-        own = self._own(head)
-        sd = {k: v for k, v in sd.items() if head or not k.startswith("head.")}
-        problems = [f"missing {k}" for k in own if k not in sd]
-        problems += [f"unexpected {k}" for k in sd if k not in own]
-        problems += [f"shape of {k}: got {tuple(v.shape)}, expected {tuple(own[k].shape)}"
-                     for k, v in sd.items() if k in own and v.shape != own[k].shape]
-        if problems:
-            raise ValueError(f"{self.name} module state dict does not fit (config {self.config}): "
-                             + "; ".join(problems))
-        with torch.no_grad():
-            for k, v in sd.items():
-                own[k].copy_(v)
-        return self
 
 
 # -----------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """Benchmark of data.py (a script, not collected by pytest): embedded-world generation speed in images/s (median of
 repeats, at 1 thread and at torch's default), the five tasks' first load, and JPEG decode speed at 224 px; then the
-streaming path (issue 13, --stream): decode throughput against the PIL path data.py used before, images/s of the
+streaming path (--stream): decode throughput against the PIL path data.py used before, images/s of the
 loader alone and of loader + a ViT-B/16 step (VPT-deep, backbone frozen, forward + backward) at 0/1/2 workers
 against a plain torchvision.datasets.ImageFolder + DataLoader in the same process, and peak memory against the size
 of the source (a pass over a few hundred and over several thousand JPEGs, each in a child process).
-run: python tests/bench_data.py [--repeats 5] [--stream] [--only-stream]"""
+run: python tests/bench_data.py [--repeats 5] [--stream] [--only-stream]
+     python tests/bench_data.py --micro    # every section (--stream included) on the same code at a tiny size: small
+                                           # chunks and JPEGs, a tiny ViT for the step, one pass of 16 images in the
+                                           # memory child (seconds; for the tests)"""
 import argparse
 import json
 import os
@@ -44,52 +47,62 @@ def main():
     ap.add_argument("--vit-batches", type=int, default=3, help="--stream: ViT-B/16 steps per measurement")
     ap.add_argument("--rss", default="300,3000", help="--stream: source sizes for the peak-memory pass")
     ap.add_argument("--memory-only", action="store_true", help="--stream: only the peak-memory pass")
+    ap.add_argument("--micro", action="store_true", help="every section at a tiny size (see above)")
     ap.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)  # internal: FOLDER COUNT
     args = ap.parse_args()
     if args.rss_child:
         return rss_child(*args.rss_child)
+    if args.micro:
+        args.repeats, args.chunk, args.stream, args.images, args.vit_batches, args.rss = 1, 64, True, 16, 1, "16"
+        SIZE.update(MICRO)
     if args.stream or args.only_stream:
         stream(args)
     if args.only_stream:
         return
     default_threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {default_threads} threads by default")
+    rows = []  # printed as one table at the end (load_task prints what it keeps in between)
 
     source = data.synthetic_source("backbone")
     for threads in sorted({1, default_threads}):
         torch.set_num_threads(threads)
         step = iter(range(10**6))
         t = median_time(lambda: source.batch(next(step), args.chunk), args.repeats)
-        print(f"world generation, {threads} thread(s): {args.chunk / t:,.0f} images/s (32x32, chunks of {args.chunk})")
+        rows.append(f"| world generation, {threads} thread(s), 32x32, chunks of {args.chunk} | "
+                    f"{args.chunk / t:,.0f} images/s |")
     torch.set_num_threads(default_threads)
 
     data._world_pools.cache_clear(), data._backgrounds.cache_clear()
     t = time.perf_counter()
     tasks = data.load_task("synthetic")
     n = sum(len(s) for task in tasks for s in (task.train, task.val, task.test))
-    print(f"load_task('synthetic'), first call: {time.perf_counter() - t:.2f} s for {n:,} images")
+    rows.append(f"| load_task('synthetic'), first call, {n:,} images | {time.perf_counter() - t:.2f} s |")
 
     with tempfile.TemporaryDirectory() as tmp:  # 200 JPEGs of 500x375, about a Flowers/Pets photo
-        rng = np.random.default_rng(0)
-        for split, per_class in (("train", 80), ("test", 20)):
+        rng, (w, h), counts = np.random.default_rng(0), SIZE["photo"], SIZE["per_class"]
+        for split, per_class in zip(("train", "test"), counts):
             for c in ("a", "b"):
                 folder = Path(tmp) / split / c
                 folder.mkdir(parents=True)
                 for i in range(per_class):
-                    smooth = np.kron(rng.integers(0, 256, (15, 20, 3)), np.ones((25, 25, 1)))
+                    smooth = np.kron(rng.integers(0, 256, (h // 25, w // 25, 3)), np.ones((25, 25, 1)))
                     pixels = (smooth + rng.normal(0, 12, smooth.shape)).clip(0, 255).astype(np.uint8)
                     Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
         t = time.perf_counter()
         [task] = data.load_task("imagefolder", tmp, img_size=224)
         n = len(task.train) + len(task.val) + len(task.test)
-        print(f"decode + resize + crop (fgvc protocol, 224 px): {n / (time.perf_counter() - t):,.0f} images/s "
-              f"({n} JPEGs of 500x375)")
+        rows.append(f"| decode + resize + crop (fgvc protocol, 224 px), {n} JPEGs of {w}x{h} | "
+                    f"{n / (time.perf_counter() - t):,.0f} images/s |")
+    print("| measurement | result |\n|---|---|\n" + "\n".join(rows))
 
 
 # -----------------------------------------------------------------------------
-# the streaming path (issue 13)
+# the streaming path
 
 CAMERA = (1600, 1200)  # a 2-megapixel photo, ~300 kB as JPEG; the few-shot datasets' images are 300-500 px a side
+SIZE = dict(photo=(500, 375), per_class=(80, 20), camera=CAMERA, files=48, vit=None)  # --micro replaces them
+MICRO = dict(photo=(100, 75), per_class=(4, 2), camera=(160, 120), files=8,
+             vit=dict(img_size=224, patch_size=32, dim=32, depth=2, heads=4))
 
 
 def photos(folder, count, size, distinct=24, classes=4):
@@ -142,21 +155,23 @@ def speed(args, tmp):
     import fewshot
     import vit
     import vpt
-    for size in ((500, 375), CAMERA):
-        files = photos(Path(tmp) / f"{size[0]}", 48, size)
+    print("| JPEG | PIL path (before) img/s | decode + transforms.v2 (now) img/s | now / before |\n|---|---|---|---|")
+    for size in (SIZE["photo"], SIZE["camera"]):
+        files = photos(Path(tmp) / f"{size[0]}", SIZE["files"], size)
         transform = data.resize_crop("shorter", 256, data.BILINEAR, 224)
         pil = rate(lambda: [pil_path(f) for f in files], len(files))
         ours = rate(lambda: [transform(data.decode(f)) for f in files], len(files))
-        print(f"decode + resize + centre crop to 224, {size[0]}x{size[1]} JPEG, 1 thread: PIL path (before) "
-              f"{pil:,.0f} img/s, decode + transforms.v2 (now) {ours:,.0f} img/s, x{ours / pil:.2f}")
+        print(f"| decode + resize + centre crop to 224, {size[0]}x{size[1]}, 1 thread | {pil:,.0f} | {ours:,.0f} | "
+              f"{ours / pil:.2f} |")
 
     root = Path(tmp) / "src"
-    photos(root, args.images, (500, 375))
+    photos(root, args.images, SIZE["photo"])
     items = [(f, int(f.parent.name[1:])) for f in sorted((root / "train").rglob("*.jpg"))]
     ref_set = datasets.ImageFolder(str(root / "train"), transform=v2.Compose([
         v2.PILToTensor(), v2.Resize(256, antialias=True), v2.CenterCrop(224)]))
     task = data.Task("bench", 4, None, None, None, 224, *data.NORMS["imagenet"], "crop_flip")
-    model = vpt.VPT(vit.vit_base_patch16(num_classes=0), num_classes=4, num_prompts=10, deep=True)
+    backbone = vit.ViT(**SIZE["vit"], num_classes=0) if SIZE["vit"] else vit.vit_base_patch16(num_classes=0)
+    model = vpt.VPT(backbone, num_classes=4, num_prompts=10, deep=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     rows = []
     for workers in (0, 1, 2):
@@ -197,9 +212,10 @@ def speed(args, tmp):
                     break
         ref_vit = rate(ref_step, n)
         rows.append((workers, *alone, with_vit, ref_vit))
-    print(f"\n{len(items)} JPEGs of 500x375, batch 32 (loader alone) and 8 (with a ViT-B/16 VPT-deep step, "
-          "backbone frozen, forward + backward), images/s:")
-    print("| workers | loader alone: data.Stream | ImageFolder + DataLoader | + ViT-B/16 step: data.Stream | "
+    net = "ViT-B/16" if not SIZE["vit"] else "micro ViT"
+    print(f"\n{len(items)} JPEGs of {SIZE['photo'][0]}x{SIZE['photo'][1]}, batch 32 (loader alone) and 8 (with a "
+          f"{net} VPT-deep step, backbone frozen, forward + backward), images/s:")
+    print(f"| workers | loader alone: data.Stream | ImageFolder + DataLoader | + {net} step: data.Stream | "
           "ImageFolder + DataLoader |\n|---|---|---|---|---|")
     for w, a, b, c, d in rows:
         print(f"| {w} | {a:,.0f} | {b:,.0f} | {c:.2f} | {d:.2f} |")
@@ -207,19 +223,21 @@ def speed(args, tmp):
 
 
 def memory(args, tmp):
-    print(f"\npeak memory over one pass of {CAMERA[0]}x{CAMERA[1]} JPEGs, 2 workers, batch 32, 224 px "
+    camera = SIZE["camera"]
+    print(f"\npeak memory over one pass of {camera[0]}x{camera[1]} JPEGs, 2 workers, batch 32, 224 px "
           "(each in a fresh child process; PSS sums the processes' proportional shares):")
+    print("| images | seconds | img/s | peak PSS of the process tree MiB | peak PSS of the main process MiB | "
+          "main process peak RSS MiB |\n|---|---|---|---|---|---|")
     for count in map(int, args.rss.split(",")):
         folder = Path(tmp) / f"rss{count}"
-        photos(folder, count, CAMERA)
+        photos(folder, count, camera)
         r = subprocess.run([sys.executable, __file__, "--rss-child", str(folder), str(count)], capture_output=True,
                            text=True)
         if r.returncode:
             raise SystemExit(r.stderr[-2000:])
         m = json.loads(r.stdout.splitlines()[-1])
-        print(f"  {count:5,} images: {m['seconds']:.0f} s ({count / m['seconds']:.0f} img/s); peak PSS of the process "
-              f"tree {m['pss'] / 2**20:,.0f} MiB, of the main process {m['main_pss'] / 2**20:,.0f} MiB; main "
-              f"process peak RSS {m['hwm'] / 2**20:,.0f} MiB")
+        print(f"| {count:,} | {m['seconds']:.1f} | {count / m['seconds']:.0f} | {m['pss'] / 2**20:,.0f} | "
+              f"{m['main_pss'] / 2**20:,.0f} | {m['hwm'] / 2**20:,.0f} |")
 
 
 def pss(pid):  # kB -> bytes, of one process (0 once it is gone)

@@ -34,6 +34,9 @@ counted from the shapes.
 
 run: python tests/bench_fewshot.py [--threads N] [--repeats R] [--setting world|vitb|both] [--methods ...]
                                    [--compile] [--device cpu] [--peak | --no-peak]
+     python tests/bench_fewshot.py --micro    # every section on the same code path at a tiny size (seconds): both
+                                              # settings (vitb on a tiny ViT), 2 steps, 1 repeat, 64 test images,
+                                              # and the peak section on small matmuls and a tiny ViT
 """
 import argparse
 import copy
@@ -314,16 +317,17 @@ class RefE2VPT(nn.Module):
 
 
 def ref_build(name, template, num_classes, cfg, device):
-    """(model, lr) for method `name`: a fresh copy of the timm backbone, wrapped."""
-    vit = copy.deepcopy(template)
+    """(model, lr) for method `name`: a fresh copy of the timm backbone, wrapped, with the options ours is built
+    with (fewshot.method_options: the flags' defaults resolved, e.g. num_prompts 10 when --prompts is not given)."""
+    vit, opts = copy.deepcopy(template), fewshot.method_options(name, cfg)
     if name in ("linear", "full"):
         model = RefPlain(vit, num_classes, train_backbone=name == "full")
     elif name in ("vpt", "vpt-shallow"):
-        model = RefVPT(vit, num_classes, cfg.prompts, deep=name == "vpt")
+        model = RefVPT(vit, num_classes, opts["num_prompts"], deep=name == "vpt")
     elif name == "lora":
-        model = RefLoRA(vit, num_classes, cfg.rank, cfg.rank)
+        model = RefLoRA(vit, num_classes, opts["rank"], opts["rank"] if opts["alpha"] is None else opts["alpha"])
     elif name == "e2vpt":
-        model = RefE2VPT(vit, num_classes, cfg.prompts, cfg.kv_prompts)
+        model = RefE2VPT(vit, num_classes, opts["num_prompts"], opts["num_kv_prompts"], opts["segments"])
     else:
         raise ValueError(name)
     return model.to(device), cfg.lr * fewshot.LR_FACTOR.get(name, 1.0)
@@ -460,6 +464,8 @@ def world_setting(args):
     torch.manual_seed(0)
     backbone = vitlib.vit_synthetic(num_classes=0).eval()
     argv = ["--data", "synthetic:shape"] + (["--max-steps", str(args.max_steps)] if args.max_steps else [])
+    if args.micro:  # the same run on fewer test images
+        task = dataclasses.replace(task, test=task.test.subset(torch.arange(min(64, len(task.test)))))
     note = (f"world: synthetic:shape, {args.shots}-shot ({len(task.train)} train, {len(task.test)} test images, "
             f"{task.num_classes} classes, 32 px), random vit_synthetic (seed 0)")
     return "world", task, backbone, fewshot.parse(argv), note
@@ -468,16 +474,19 @@ def world_setting(args):
 def vitb_setting(args):
     g = torch.Generator().manual_seed(0)
     classes, shots, n_test = 4, 2, args.vitb_test
-    img = lambda n: torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8, generator=g)
+    side = backbone_side = MICRO_VIT["img_size"] if args.micro else 224
+    img = lambda n: torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=g)
     train = data.Split(img(classes * shots), torch.arange(classes).repeat_interleave(shots))
     test = data.Split(img(n_test), torch.arange(n_test) % classes)
-    task = data.Task("random-224", classes, train, test, test, 224, *data.NORMS["imagenet"], "none",
+    task = data.Task(f"random-{side}", classes, train, test, test, backbone_side, *data.NORMS["imagenet"], "none",
                      dict(note="random uint8 images"))
     torch.manual_seed(0)
-    backbone = vitlib.vit_base_patch16(num_classes=0).eval()
+    backbone = (vitlib.vit_base_patch16(num_classes=0) if not args.micro else vitlib.ViT(**MICRO_VIT, num_classes=0))
+    backbone.eval()
     cfg = fewshot.parse(["--batch", str(classes * shots), "--max-steps", str(args.vitb_steps), "--norm", "imagenet",
                          "--aug", "none", "--data", "random"])
-    note = (f"vitb: ViT-B/16 224 px, random weights (seed 0); {classes} classes x {shots} shots of random uint8 "
+    note = (f"vitb: {'ViT-B/16 224 px' if not args.micro else f'micro ViT {MICRO_VIT}'}, random weights (seed 0); "
+            f"{classes} classes x {shots} shots of random uint8 "
             f"images, batch {classes * shots}, {args.vitb_steps} steps, {n_test} test images, imagenet norm, "
             "train_aug none")
     return "vitb", task, backbone, cfg, note
@@ -489,16 +498,17 @@ def bench_setting(setting, args, device):
     n = len(task.train)
     steps = min(cfg.epochs * math.ceil(n / min(cfg.batch, n)), cfg.max_steps or float("inf"))
     log(f"[{label}] building the timm twin and checking the references ...")
-    print(f"\n{note}\nprotocol (both sides): optimizer {cfg.optimizer}, lr {cfg.lr} (full x{fewshot.LR_FACTOR.get('full')}), "
+    print(f"\n{note}\nprotocol (both sides): optimizer {cfg.optimizer}, lr {cfg.lr} "
+          f"(full x{fewshot.LR_FACTOR.get('full')}), "
           f"wd {cfg.wd}, batch {min(cfg.batch, n)}, {steps} steps (max_steps {cfg.max_steps}, epochs {cfg.epochs}), "
-          f"warmup {cfg.warmup}, head_init {cfg.head_init}, prompts {cfg.prompts}, kv_prompts {cfg.kv_prompts}, "
-          f"rank {cfg.rank}, compile {getattr(cfg, 'compile', False)}")
+          f"warmup {cfg.warmup}, head_init {cfg.head_init}, compile {getattr(cfg, 'compile', False)}; options: "
+          + "; ".join(f"{m} {fewshot.method_options(m, cfg)}" for m in args.methods if m not in ("linear", "full")))
     template = timm_twin(backbone).to(device)
     for line in check_references(args.methods, task, backbone, template, cfg, device, args.tol):
         print(line, flush=True)
     rows = []
     for name in args.methods:
-        res = {"ours": dict(train=[], eval=[], mtrain=[], meval=[]), "ref": dict(train=[], eval=[], mtrain=[], meval=[])}
+        res = {side: dict(train=[], eval=[], mtrain=[], meval=[]) for side in ("ours", "ref")}
         for r in range(args.repeats):
             for side in (("ours", "ref") if r % 2 == 0 else ("ref", "ours")):
                 log(f"[{label}] {name}: repeat {r + 1}/{args.repeats}, {side} ...")
@@ -554,23 +564,30 @@ def best_of(fn, n):
     return min(ts)
 
 
-def peak_section(device, threads):
+MICRO_VIT = dict(img_size=32, patch_size=8, dim=32, depth=2, heads=4)  # --micro's ViT (vitb and peak)
+
+
+def peak_section(device, threads, micro=False):
     log("[peak] matmul ...")
     rows, best = [], 0.0
-    for n in (1024, 2048, 4096):
+    sizes = (64, 128, 256) if micro else (1024, 2048, 4096)
+    for n in sizes:
         a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
         out = torch.empty(n, n, device=device)
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        s = best_of(lambda: (torch.mm(a, b, out=out), sync()), 5 if n < 4096 else 2)
+        s = best_of(lambda: (torch.mm(a, b, out=out), sync()), 5 if n < sizes[-1] else 2)
         gf = 2 * n**3 / s / 1e9
         best = max(best, gf)
         rows.append((f"torch.mm {n}x{n} fp32", 2 * n**3 / 1e9, s, gf))
         del a, b, out
-    log("[peak] ViT-B/16 forward, VPT-deep step ...")
+    log("[peak] ViT forward, VPT-deep step ...")
     torch.manual_seed(0)
-    model = vitlib.vit_base_patch16(num_classes=0).to(device).eval()
+    model = (vitlib.ViT(**MICRO_VIT, num_classes=0) if micro else vitlib.vit_base_patch16(num_classes=0))
+    model = model.to(device).eval()
+    side, patch, dim, depth = model.img_size, model.patch_size, model.dim, len(model.blocks)
+    n, label = (side // patch) ** 2, "micro ViT" if micro else "ViT-B/16"
     B, P = 8, 10
-    x = torch.randn(B, 3, 224, 224, device=device)
+    x = torch.randn(B, 3, side, side, device=device)
 
     def forward():
         with torch.inference_mode():
@@ -578,10 +595,10 @@ def peak_section(device, threads):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    patch, lin, attn = vit_flops(197, 768, 12, 4.0, 196, 3 * 16 * 16)
-    flops = B * (patch + lin + attn)
+    patch_f, lin, attn = vit_flops(1 + n, dim, depth, 4.0, n, 3 * patch * patch)
+    flops = B * (patch_f + lin + attn)
     s = best_of(forward, 3)
-    rows.append((f"ViT-B/16 forward, ours, batch {B}, 197 tokens", flops / 1e9, s, flops / s / 1e9))
+    rows.append((f"{label} forward, ours, batch {B}, {1 + n} tokens", flops / 1e9, s, flops / s / 1e9))
 
     prompted = vptlib.VPT(model, num_classes=10, num_prompts=P, deep=True).to(device)
     nn.init.normal_(prompted.head.weight, std=0.02)
@@ -604,17 +621,18 @@ def peak_section(device, threads):
     # backward (its input is the images, its weight frozen; the prompts join after it). Prompt and head gradients
     # are slices / a (dim x classes) product: not counted. So a step = patch + 2 lin(N') + 3 attn(N'), about
     # 2x the forward (a flash-attention backward that recomputes q.k^T does more work than counted here).
-    patch, lin, attn = vit_flops(1 + P + 196, 768, 12, 4.0, 196, 3 * 16 * 16)
-    flops = B * (patch + 2 * lin + 3 * attn)
+    patch_f, lin, attn = vit_flops(1 + P + n, dim, depth, 4.0, n, 3 * patch * patch)
+    flops = B * (patch_f + 2 * lin + 3 * attn)
     s = best_of(train_step, 2)
-    rows.append((f"VPT-deep train step, ours, batch {B}, P={P} ({1 + P + 196} tokens)", flops / 1e9, s, flops / s / 1e9))
-    full = sum(vit_flops(197, 768, 12, 4.0, 196, 3 * 16 * 16, cls_only=False)) / sum(
-        vit_flops(197, 768, 12, 4.0, 196, 3 * 16 * 16))
-    print(f"\n## the peak of this machine ({threads} threads, fp32, {device})\n\nFLOPs are those ours computes: its last "
-          f"block runs only the CLS row after qkv (a ViT that runs every row there does {full - 1:.1%} more).\n\n"
+    rows.append((f"VPT-deep train step, ours, batch {B}, P={P} ({1 + P + n} tokens)", flops / 1e9, s, flops / s / 1e9))
+    full = sum(vit_flops(1 + n, dim, depth, 4.0, n, 3 * patch * patch, cls_only=False)) / sum(
+        vit_flops(1 + n, dim, depth, 4.0, n, 3 * patch * patch))
+    print(f"\n## the peak of this machine ({threads} threads, fp32, {device})\n\nFLOPs are those ours computes: "
+          f"its last block runs only the CLS row after qkv (a ViT that runs every row there does {full - 1:.1%} "
+          "more).\n\n"
           "| what | GFLOP | seconds (best) | GFLOP/s | fraction of the best torch.mm |\n|---|---|---|---|---|")
     for what, g, s, gf in rows:
-        print(f"| {what} | {g:.1f} | {s:.3f} | {gf:.1f} | {gf / best:.2f} |")
+        print(f"| {what} | {g:.{1 if g >= 1 else 4}f} | {s:.{3 if s >= 1e-3 else 6}f} | {gf:.1f} | {gf / best:.2f} |")
 
 # -----------------------------------------------------------------------------
 
@@ -647,7 +665,12 @@ def main():
     ap.add_argument("--tol", type=float, default=1e-4, help="reference check: max |ours - ref| of the features")
     ap.add_argument("--peak", action=argparse.BooleanOptionalAction, default=None,
                     help="--peak: only the peak section; --no-peak: skip it (default: run it after the table)")
+    ap.add_argument("--micro", action="store_true", help="every section at a tiny size, for the tests: --setting both "
+                    "(vitb on a tiny ViT), --max-steps 2, --vitb-steps 2, --vitb-test 8, --repeats 1, 64 world test "
+                    "images, small matmuls")
     args = ap.parse_args()
+    if args.micro:
+        args.setting, args.max_steps, args.vitb_steps, args.vitb_test, args.repeats = "both", 2, 2, 8, 1
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     methods = [m for arg in args.methods for m in arg.split(",") if m]
@@ -662,7 +685,8 @@ def main():
           f"device {device}")
     if args.peak is not True:
         print(f"times: min over {args.repeats} repeat(s), sides interleaved (the order flips every repeat); memory: "
-              f"median peak increase (MB) over the phase, {'CUDA max_memory_allocated' if device.type == 'cuda' else 'process RSS sampled every 5 ms'}")
+              "median peak increase (MB) over the phase, " +
+              ("CUDA max_memory_allocated" if device.type == "cuda" else "process RSS sampled every 5 ms"))
         if "pvp" in methods:
             print("pvp: not timed separately: it is VPT-deep with loaded prompts, so its row is the vpt row")
         print("reference: lora evaluates UNmerged (ours merged); e2vpt keeps pruned prompt tokens as masked zeros "
@@ -679,7 +703,7 @@ def main():
             print(f"*: a side's repeats spread by more than {NOISY:.0%} (other load on the machine?): that ratio is "
                   "noisy; re-run with more --repeats")
     if args.peak is not False:
-        peak_section(device, torch.get_num_threads())
+        peak_section(device, torch.get_num_threads(), args.micro)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,13 @@ a source task start where the features still work. Here: cosine(features with pr
 image (the final-norm CLS token, eval mode, no prompt dropout), mean and spread over each task's test set, for
   random  VPT-deep as fewshot.py starts it (vpt.VPT's U(-v, v) init), one draw per seed
   pvp     the pre-trained prompts fewshot.py --method pvp starts from (the embedded ones unless --pvp-init)
-run: python tests/bench_prompt_cosine.py [--seeds 0,1,2] [--tasks shape,texture,...] [--weights P --pvp-init P]"""
+run: python tests/bench_prompt_cosine.py [--seeds 0,1,2] [--tasks shape,texture,...] [--weights P --pvp-init P]
+     python tests/bench_prompt_cosine.py --micro   # the same rows on one task, one seed, 64 test images, and (without
+                                                    # --pvp-init) a module of random prompts made in a temporary folder
+                                                    # instead of the embedded PVP prompts (for the tests)"""
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import fewshot  # noqa: E402
+import plumbing  # noqa: E402
 import vpt  # noqa: E402
 
 
@@ -33,16 +38,31 @@ def main():
     ap.add_argument("--prompts", type=int, default=10, help="prompt tokens per layer of the random VPT-deep")
     ap.add_argument("--weights", default=None, help="a vit_synthetic backbone file (default: the shipped one)")
     ap.add_argument("--pvp-init", default=None, help="its pre-trained prompts (default: the embedded ones)")
+    ap.add_argument("--micro", action="store_true", help="a tiny run of the same code (see above)")
     args = ap.parse_args()
+    if args.micro:
+        args.tasks, args.seeds = args.tasks.split(",")[0], args.seeds.split(",")[0]
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    backbone, name = fewshot.load_backbone(args.weights, "vit_synthetic")
-    pvp_init = args.pvp_init or fewshot.embedded_pvp(backbone)
-    print(f"backbone {name} (weights {fewshot.weights_hash(backbone)}), PVP prompts {pvp_init}")
+    backbone, name = plumbing.load_backbone(args.weights, "vit_synthetic")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.micro and not args.pvp_init:  # pre-training the embedded prompts would take minutes
+            args.pvp_init = str(Path(tmp) / "random_prompts.safetensors")
+            torch.manual_seed(1000)  # a draw other than the random column's
+            module = vpt.VPT(backbone, num_classes=2, num_prompts=args.prompts, deep=True)
+            plumbing.save_module(module, args.pvp_init, dict(method="vpt", config=module.config, backbone=name,
+                                                             backbone_hash=plumbing.weights_hash(backbone)))
+        cosines(args, backbone, name)
+
+
+def cosines(args, backbone, name):
+    pvp_init = args.pvp_init or plumbing.embedded_pvp(backbone, fewshot.METHODS)
+    print(f"backbone {name} (weights {plumbing.weights_hash(backbone)}), PVP prompts {pvp_init}")
     print("| task | test images | random VPT-deep prompts | PVP pre-trained prompts |\n|---|---|---|---|")
     rows = {"random": [], "pvp": []}
     for t in args.tasks.split(","):
         [task] = data.load_task(f"synthetic:{t}", shots=1, seed=0, norm="inception")
-        x = data.normalize(task.test.images, task.mean, task.std)  # (N, 3, 32, 32), no augmentation
+        images = task.test.images[:64] if args.micro else task.test.images
+        x = data.normalize(images, task.mean, task.std)  # (N, 3, 32, 32), no augmentation
         clean = features(backbone, x)
         cos = lambda model: F.cosine_similarity(features(model.eval(), x), clean, dim=-1)  # (N,)
         random = []

@@ -64,6 +64,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 import data  # noqa: E402
 import fewshot  # noqa: E402
+import plumbing  # noqa: E402
 import pvp_pretrain  # noqa: E402
 import vit as vitlib  # noqa: E402
 import vpt  # noqa: E402
@@ -167,7 +168,7 @@ class Context:
     def __init__(self, args, report, work):
         self.args, self.report, self.work = args, report, Path(work)
         self.size = SIZES["tiny" if args.tiny else "full"]
-        self.device = fewshot.pick_device(args.device)
+        self.device = plumbing.pick_device(args.device)
         self.cuda = self.device.type == "cuda"
         self.check, self.deadline = None, math.inf
         self.rates = {}  # model images/s measured by `speed`, read by `data`
@@ -285,7 +286,7 @@ class tf32_off:
 
 
 def bf16(device):
-    """bf16 autocast on CUDA (as fewshot.autocast with --amp); fp32 elsewhere."""
+    """bf16 autocast on CUDA (as plumbing.autocast with --amp); fp32 elsewhere."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 # -----------------------------------------------------------------------------
@@ -361,7 +362,7 @@ def check_train(ctx):
         fewshot.train(model, task.train, task, cfg, dev, seed=0, desc=name)  # the one loop, autocast when amp
         peak = torch.cuda.max_memory_allocated(dev) / 2**30 if ctx.cuda else None
         x, y = next(fewshot.batches(task.train, task, dev, cfg.batch, train=False))
-        with torch.no_grad(), fewshot.autocast(dev, cfg.amp):
+        with torch.no_grad(), plumbing.autocast(dev, cfg.amp):
             loss = F.cross_entropy(model.eval()(x).float(), y).item()
         params = dict(model.named_parameters())
         untouched = all(torch.equal(params[n].cpu(), v) for n, v in frozen.items())
@@ -777,9 +778,9 @@ def check_e2e(ctx):
         how = "tiny: a random backbone (--weights) and a micro module (--pvp-init), not the embedded build"
     else:
         cmd = [sys.executable, "fewshot.py", "--method", "pvp", "--shots", "1", "--device", dev, "--out", main]
-        built = [p.name for p in (fewshot.embedded_backbone() if fewshot.SHIPPED_BACKBONE.exists() else
-                                  fewshot.CHECKPOINTS / "vit_synthetic.safetensors",
-                                  fewshot.CHECKPOINTS / "pvp_vpt_vit_synthetic.safetensors") if not p.exists()]
+        built = [p.name for p in (plumbing.embedded_backbone() if plumbing.SHIPPED_BACKBONE.exists() else
+                                  plumbing.CHECKPOINTS / "vit_synthetic.safetensors",
+                                  plumbing.CHECKPOINTS / "pvp_vpt_vit_synthetic.safetensors") if not p.exists()]
         how = f"builds {' and '.join(built)} first, inside the time" if built else "embedded pieces already built"
 
     def main_ok(text):
@@ -897,7 +898,7 @@ def parse(argv=None):
 def main(argv=None):
     args = parse(argv)
     sys.stdout.reconfigure(line_buffering=True)  # the project's own prints too, in order with ours, even into a pipe
-    device = fewshot.pick_device(args.device)
+    device = plumbing.pick_device(args.device)
     if args.worker:  # the compiled half of `speed`, in a process of its own; prints one RESULT line
         with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
             ctx = Context(args, Report(Path(work) / "report", meta(args, device)), work)

@@ -472,7 +472,8 @@ def test_torchvision_layouts(tmp_path):
         load_task("aircraft", tmp_path)
     fo = tmp_path / "food-101"  # Food-101: meta/<split>.json, labels by sorted class name
     (fo / "meta").mkdir(parents=True)
-    (fo / "meta" / "train.json").write_text(json.dumps({"ramen": ["ramen/1", "ramen/2"], "apple_pie": ["apple_pie/3", "apple_pie/4"]}))
+    (fo / "meta" / "train.json").write_text(json.dumps({"ramen": ["ramen/1", "ramen/2"],
+                                                        "apple_pie": ["apple_pie/3", "apple_pie/4"]}))
     (fo / "meta" / "test.json").write_text(json.dumps({"ramen": ["ramen/5"]}))
     for rel in ("ramen/1", "ramen/2", "apple_pie/3", "apple_pie/4", "ramen/5"):
         jpeg(fo / "images" / f"{rel}.jpg")
@@ -487,7 +488,8 @@ def test_stanford_cars_layout_and_its_message(tmp_path):
     annos = lambda rows: np.array(rows, dtype=[("fname", object), ("class", object)])
     (c / "devkit").mkdir(parents=True)
     savemat(c / "devkit" / "cars_meta.mat", {"class_names": np.array(["AM General Hummer", "Audi R8"], dtype=object)})
-    savemat(c / "devkit" / "cars_train_annos.mat", {"annotations": annos([("00001.jpg", 1), ("00002.jpg", 2), ("00003.jpg", 2)])})
+    savemat(c / "devkit" / "cars_train_annos.mat",
+            {"annotations": annos([("00001.jpg", 1), ("00002.jpg", 2), ("00003.jpg", 2)])})
     savemat(c / "cars_test_annos_withlabels.mat", {"annotations": annos([("00004.jpg", 2)])})
     for i in (1, 2, 3):
         jpeg(c / "cars_train" / f"0000{i}.jpg")
@@ -518,7 +520,8 @@ def test_bad_input_messages(tmp_path):
         jpeg(tmp_path / "f" / "test" / c / "t.jpg")
     with pytest.raises(DataError, match=r"class 1 \(dog\) has 2 training images, fewer than shots=3"):
         load_task("imagefolder", tmp_path / "f", shots=3)
-    (tmp_path / "f" / "train" / "cat" / "0.jpg").write_bytes((tmp_path / "f" / "train" / "cat" / "1.jpg").read_bytes()[:60])
+    cat = tmp_path / "f" / "train" / "cat"
+    (cat / "0.jpg").write_bytes((cat / "1.jpg").read_bytes()[:60])
     with pytest.raises(DataError, match=r"cannot read image .*cat/0\.jpg"):  # truncated
         load_task("imagefolder", tmp_path / "f", img_size=16)
 
@@ -528,7 +531,7 @@ def test_memory_limit_and_test_subset(tmp_path, monkeypatch):
         for c in ("a", "b"):
             for i in range(n):
                 jpeg(tmp_path / split / c / f"{i}.jpg")
-    monkeypatch.setenv("NANOPETL_MAX_GB", "1e-6")  # 1 kB: nothing fits, every split streams (issue 13)
+    monkeypatch.setenv("NANOPETL_MAX_GB", "1e-6")  # 1 kB: nothing fits, every split streams
     [t] = load_task("imagefolder", tmp_path, img_size=16, workers=0)
     assert all(isinstance(s, data.Stream) for s in (t.train, t.val, t.test))
     [t] = load_task("imagefolder", tmp_path, img_size=16, workers=0, cache_gb=5.5e-6)  # val 2 x 768 B + train 4 x 972 B
@@ -551,6 +554,6 @@ def test_download_failure_is_a_clear_message(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise RuntimeError("no network")
     monkeypatch.setattr(torchvision.datasets, "Flowers102", offline)  # never reaches the real download
-    with pytest.raises(DataError, match=r"flowers102: torchvision's download into .* failed \(RuntimeError: no network\);"
-                                        r" fetch it by hand and place flowers-102/"):
+    with pytest.raises(DataError, match=r"flowers102: torchvision's download into .* failed "
+                                        r"\(RuntimeError: no network\); fetch it by hand and place flowers-102/"):
         load_task("flowers102", tmp_path, download=True)

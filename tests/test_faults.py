@@ -21,7 +21,7 @@ Decisions written down here:
   - a NaN loss: that run is recorded as failed with the message, the sweep goes on, exit 0; a re-run skips the
     failed record too (the run is deterministic): change --lr, which is a new protocol, to run it again;
   - a line torn by a failed write (a full disk): the sweep stops with one message; the re-run skips the torn line,
-    runs that run again and appends it on a line of its own (fewshot.finished / append);
+    runs that run again and appends it on a line of its own (plumbing.finished / append);
   - a results.jsonl that is not a plain file (e.g. a symlink to /dev/full): refused, as it cannot be read whole;
   - Ctrl-C: exit 130, finished runs kept; SIGKILL during pre-training: --resume goes on from the last epoch.
 """
@@ -50,6 +50,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import fewshot
+import plumbing
 import pvp_pretrain
 import vit
 import vpt
@@ -89,9 +90,9 @@ def world(tmp_path_factory):
     save_backbone(d / "other.safetensors", seed=1)  # same shape, other weights
     save_backbone(d / "narrow.safetensors", seed=0, dim=64, heads=2)  # another ViT's shape
     module = vpt.VPT(bb, num_classes=3, num_prompts=10, deep=True)  # a PVP checkpoint made on bb (not trained)
-    fewshot.save_module(module, d / "pvp.safetensors", dict(
+    plumbing.save_module(module, d / "pvp.safetensors", dict(
         method="vpt", config=module.config, backbone="vit_synthetic:bb.safetensors",
-        backbone_hash=fewshot.weights_hash(bb), source="none", source_classes=3, epochs=0, source_top1=0.0, seed=0))
+        backbone_hash=plumbing.weights_hash(bb), source="none", source_classes=3, epochs=0, source_top1=0.0, seed=0))
     torch.save(bb.state_dict(), d / "bb.pth")
     np.savez(d / "bb.npz", **{k: v.numpy() for k, v in bb.state_dict().items()})
     cut(d / "bb.safetensors", d / "cut.safetensors"), cut(d / "bb.pth", d / "cut.pth"), cut(d / "bb.npz", d / "cut.npz")
@@ -262,7 +263,7 @@ def not_writable(w):
 
 
 def rows_of(w):
-    """The records of results.jsonl; a line torn by a failed write is skipped, as fewshot.finished skips it."""
+    """The records of results.jsonl; a line torn by a failed write is skipped, as plumbing.finished skips it."""
     rows = []
     for line in (w.out / "results.jsonl").read_text().splitlines():
         try:
@@ -491,7 +492,7 @@ def two_sweeps_then(w, r):
     assert {x["method"] for x in rows} == {"linear", "vpt", "lora"} and all(x["status"] == "ok" for x in rows)
     keys = [x["key"] for x in rows]
     assert len(set(keys)) == 3  # every planned run: linear, vpt, lora
-    if hasattr(fewshot, "claim"):  # ONLY with fewshot's per-run claim: no run is done twice
+    if hasattr(plumbing, "claim"):  # ONLY with fewshot's per-run claim: no run is done twice
         assert len(keys) == 3, keys
 
 
@@ -754,8 +755,8 @@ CASES = [
     Case("pretrain-amp-on-cpu", None, pp(amp=True), 1, ("--amp", "cpu"), script="pvp_pretrain.py"),
     Case("pretrain-data-root-with-synthetic", None, pp(data_root="{tmp}"), 1, ("--data-root", "synthetic"),
          script="pvp_pretrain.py"),
-    Case("pretrain-backbone-with-weights", None, pp(backbone=True), 1, ("--backbone", "--weights"),
-         script="pvp_pretrain.py"),
+    Case("backbone-build-epochs-zero", None, ["--epochs", "0", "--out", "{tmp}/bb.safetensors"], 1,
+         ("--epochs", "at least 1"), script="tools/build_backbone.py"),
     Case("pretrain-weights-missing", None, pp(weights="{tmp}/none.pth"), 1, ("no checkpoint file at {tmp}/none.pth",),
          script="pvp_pretrain.py"),
     Case("pretrain-unknown-method", None, pp(method="prompt-magic"), 1, ("--method prompt-magic", "lora"),

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import data
 import fewshot
+import plumbing
 import pvp_pretrain
 import vit
 from fixtures import randomize, save_backbone
@@ -176,7 +177,7 @@ def test_bad_arguments_give_one_clear_message(world, tmp_path, argv, needle):
 def test_module_checkpoint_is_safetensors_with_its_story(world):
     meta = json.loads(__import__("safetensors").safe_open(world["pvp"], "pt").metadata()["nanopetl"])
     assert meta["method"] == "vpt" and meta["config"]["deep"] is True and meta["source"] == "synthetic"
-    assert meta["backbone_hash"] == fewshot.weights_hash(vit.load_pretrained(vit.vit_synthetic(num_classes=0), world["backbone"], verbose=False))
+    assert meta["backbone_hash"] == plumbing.weights_hash(vit.load_pretrained(vit.vit_synthetic(num_classes=0), world["backbone"], verbose=False))
     assert 0 <= meta["source_top1"] <= 100 and meta["epochs"] == 1
     assert set(load_file(world["pvp"])) == {"prompts"}  # the module only: no source head, no backbone
 
@@ -188,18 +189,18 @@ def test_weights_hash_tracks_backbone_not_head():
         b.head.weight.zero_()
     same = {k: v for k, v in a.state_dict().items() if not k.startswith("head.")}
     b.load_state_dict({**same, "head.weight": b.head.weight, "head.bias": b.head.bias})
-    assert fewshot.weights_hash(a) == fewshot.weights_hash(b)
+    assert plumbing.weights_hash(a) == plumbing.weights_hash(b)
     with torch.no_grad():
         b.blocks[0].norm1.bias.add_(1e-3)
-    assert fewshot.weights_hash(a) != fewshot.weights_hash(b)
+    assert plumbing.weights_hash(a) != plumbing.weights_hash(b)
 
 
 def test_embedded_backbone_and_pvp_are_built_once_then_reused(tmp_path, monkeypatch):
     """The main job's path with no --weights and no --pvp-init, at a micro budget: both pieces are built, cached,
     and the next run reuses them."""
-    monkeypatch.setattr(fewshot, "CHECKPOINTS", tmp_path / "checkpoints")
-    monkeypatch.setattr(fewshot, "SHIPPED_BACKBONE", tmp_path / "not-shipped.safetensors")
-    monkeypatch.setattr(fewshot, "EMBEDDED_BUILD", ["--per-class", "2", "--epochs", "1", "--device", "cpu"])
+    monkeypatch.setattr(plumbing, "CHECKPOINTS", tmp_path / "checkpoints")
+    monkeypatch.setattr(plumbing, "SHIPPED_BACKBONE", tmp_path / "not-shipped.safetensors")
+    monkeypatch.setattr(plumbing, "EMBEDDED_BUILD", ["--per-class", "2", "--epochs", "1", "--device", "cpu"])
     argv = ["--method", "pvp", "--shots", "1", "--seeds", "0", "--data", "synthetic:shape", "--epochs", "1",
             "--out", str(tmp_path / "out")]
     assert fewshot.main(argv) == 0
@@ -207,7 +208,7 @@ def test_embedded_backbone_and_pvp_are_built_once_then_reused(tmp_path, monkeypa
     assert built == ["pvp_vpt_vit_synthetic.safetensors", "vit_synthetic.safetensors"]
     [r] = lines(tmp_path / "out")
     assert r["status"] == "ok" and r["backbone"] == "vit_synthetic" and r["protocol"]["max_steps"] == 100
-    monkeypatch.setattr(fewshot, "pretrain_once", lambda *a, **k: pytest.fail("a cached piece was built again"))
+    monkeypatch.setattr(plumbing, "pretrain_once", lambda *a, **k: pytest.fail("a cached piece was built again"))
     assert fewshot.main([*argv[:-1], str(tmp_path / "again")]) == 0
 
 
@@ -279,8 +280,8 @@ def test_a_run_claimed_by_another_sweep_is_skipped_and_reported(world, tmp_path,
     assert fewshot.main(args(world, tmp_path, "--method", "linear,vpt")) == 0
     first = lines(tmp_path)
     (tmp_path / "results.jsonl").unlink()
-    held = fewshot.claim(tmp_path, first[0]["key"])  # as another sweep on this --out training that run would
-    assert held is not None and fewshot.claim(tmp_path, first[0]["key"]) is None
+    held = plumbing.claim(tmp_path, first[0]["key"])  # as another sweep on this --out training that run would
+    assert held is not None and plumbing.claim(tmp_path, first[0]["key"]) is None
     capsys.readouterr()
     assert fewshot.main(args(world, tmp_path, "--method", "linear,vpt")) == 0
     assert [r["method"] for r in lines(tmp_path)] == ["vpt"]

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import fewshot
+import plumbing
 import pvp_pretrain
 import vit
 from fixtures import save_backbone
@@ -150,10 +151,10 @@ def test_two_pretrainings_of_one_out_take_turns_and_the_second_reuses(world, tmp
 
 
 def test_two_sweeps_on_a_fresh_checkout_build_the_embedded_pieces_once(world, tmp_path):
-    code = (f"import sys, fewshot; from pathlib import Path\n"
-            f"fewshot.CHECKPOINTS = Path({str(tmp_path / 'checkpoints')!r})\n"
-            f"fewshot.SHIPPED_BACKBONE = Path({str(world / 'bb.safetensors')!r})\n"
-            f"fewshot.EMBEDDED_BUILD = ['--per-class', '2', '--epochs', '1', '--device', 'cpu']\n"
+    code = (f"import sys, fewshot, plumbing; from pathlib import Path\n"
+            f"plumbing.CHECKPOINTS = Path({str(tmp_path / 'checkpoints')!r})\n"
+            f"plumbing.SHIPPED_BACKBONE = Path({str(world / 'bb.safetensors')!r})\n"
+            f"plumbing.EMBEDDED_BUILD = ['--per-class', '2', '--epochs', '1', '--device', 'cpu']\n"
             f"sys.exit(fewshot.main(['--method', 'pvp', '--data', 'synthetic:shape', '--shots', '1', '--seeds', '0', "
             f"'--max-steps', '2', '--out', sys.argv[1]]))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"out{i}")], cwd=ROOT, env=ENV, text=True,
@@ -168,15 +169,15 @@ def test_two_sweeps_on_a_fresh_checkout_build_the_embedded_pieces_once(world, tm
 
 def test_an_interrupted_embedded_build_resumes_on_the_next_run(world, tmp_path, monkeypatch, capfd):
     path = tmp_path / "checkpoints" / "pvp_vpt_vit_synthetic.safetensors"
-    monkeypatch.setattr(fewshot, "CHECKPOINTS", tmp_path / "checkpoints")
-    monkeypatch.setattr(fewshot, "SHIPPED_BACKBONE", world / "bb.safetensors")
-    monkeypatch.setattr(fewshot, "EMBEDDED_BUILD", ["--per-class", "4", "--epochs", "3", "--device", "cpu"])
+    monkeypatch.setattr(plumbing, "CHECKPOINTS", tmp_path / "checkpoints")
+    monkeypatch.setattr(plumbing, "SHIPPED_BACKBONE", world / "bb.safetensors")
+    monkeypatch.setattr(plumbing, "EMBEDDED_BUILD", ["--per-class", "4", "--epochs", "3", "--device", "cpu"])
     proc = spawn_pretrain(world, path, "--epochs", "3")  # the build fewshot would start, then killed after epoch 1
     resume, deadline = Path(str(path) + ".resume"), time.time() + 120
     while not resume.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL), proc.communicate()
     assert resume.exists() and not path.exists(), "the build finished before it could be killed"
-    backbone, _ = fewshot.load_backbone(None)
-    assert fewshot.embedded_pvp(backbone) == path and path.exists()
+    backbone, _ = plumbing.load_backbone(None)
+    assert plumbing.embedded_pvp(backbone, fewshot.METHODS) == path and path.exists()
     assert "resuming" in capfd.readouterr().out

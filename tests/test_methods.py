@@ -10,6 +10,7 @@ from einops import rearrange
 
 import e2vpt
 import lora
+import plumbing
 import vit
 import vpt
 from fixtures import randomize
@@ -199,14 +200,14 @@ def test_lora_adapts_only_its_slices():
 @pytest.mark.parametrize("method", ["lora", "lora-all"])
 def test_lora_merge_and_unmerge(method):
     model, x = perturb(build(method)).eval(), images()  # B is nonzero now
-    before, sd, weights = model(x), model.module_state_dict(), backbone_tensors(model)
+    before, sd, weights = model(x), plumbing.module_state_dict(model), backbone_tensors(model)
     assert (model.features(x) - backbone().features(x)).abs().max() > 1e-3
     model.merge()
     merged_weights = backbone_tensors(model)
     assert model.merged and any(not torch.equal(merged_weights[k], weights[k]) for k in weights)
     torch.testing.assert_close(model(x), before, rtol=0, atol=1e-5)
-    assert sd.keys() == model.module_state_dict().keys()
-    assert all(torch.equal(v, model.module_state_dict()[k]) for k, v in sd.items())  # never a merged weight
+    assert sd.keys() == plumbing.module_state_dict(model).keys()
+    assert all(torch.equal(v, plumbing.module_state_dict(model)[k]) for k, v in sd.items())  # never a merged weight
     model.merge()  # merging twice is a no-op
     assert all(torch.equal(v, backbone_tensors(model)[k]) for k, v in merged_weights.items())
     with pytest.raises(RuntimeError, match="unmerge"):
@@ -217,7 +218,7 @@ def test_lora_merge_and_unmerge(method):
         torch.testing.assert_close(v, weights[k], rtol=0, atol=1e-6)
     torch.testing.assert_close(model(x), before, rtol=0, atol=1e-5)
     fresh = build(method).merge()  # loading into a merged model keeps the frozen weight = W_0 + the loaded update
-    fresh.load_module_state_dict(sd)
+    plumbing.load_module_state_dict(fresh, sd)
     torch.testing.assert_close(fresh.eval()(x), before, rtol=0, atol=1e-5)
 
 
@@ -272,7 +273,7 @@ def test_trainable_counts_on_vit_b16():
 def test_only_the_method_and_its_head_train_and_the_backbone_is_bit_identical(method):
     model, x, y = build(method).train(), images(8), torch.arange(8) % 4
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert names == set(model.module_state_dict()) - {"token_mask", "segment_mask"}  # E2VPT's masks: buffers
+    assert names == set(plumbing.module_state_dict(model)) - {"token_mask", "segment_mask"}  # E2VPT's masks: buffers
     assert {"head.weight", "head.bias"} < names and not any(p.requires_grad for p in backbone_parameters(model))
     frozen, start = backbone_tensors(model), {n: p.detach().clone() for n, p in method_tensors(model).items()}
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=0.0)
@@ -301,45 +302,45 @@ def test_module_state_dict_round_trip(method):
     a, x = perturb(build(method)), images()
     if method.startswith("e2vpt"):  # a pruned model, so the masks must travel too
         a.prune(0.5, 0.5, {"token": torch.rand(4), "segment": torch.rand(4, 16)})
-    sd = a.module_state_dict()
+    sd = plumbing.module_state_dict(a)
     backbone_keys = {"vit." + k for k in backbone_tensors(a)}
     assert sd and not set(sd) & backbone_keys
     assert all(".lora_" in k or k.startswith("head.") for k in sd) if method.startswith("lora") else \
         not any(k.startswith("vit.") for k in sd)
     assert all(v.device.type == "cpu" and not v.requires_grad for v in sd.values())
-    other = a.module_state_dict()
+    other = plumbing.module_state_dict(a)
     other["head.bias"] += 1  # a copy: the model is not changed through it
     assert not torch.equal(a.head.bias, other["head.bias"])
-    b = build(method, seed=1).load_module_state_dict(sd)
+    b = plumbing.load_module_state_dict(build(method, seed=1), sd)
     assert torch.equal(b.eval()(x), a.eval()(x))
-    assert set(a.module_state_dict(head=False)) == set(sd) - {"head.weight", "head.bias"}
+    assert set(plumbing.module_state_dict(a, head=False)) == set(sd) - {"head.weight", "head.bias"}
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_load_module_state_dict_refuses_what_does_not_fit(method):
-    sd, model = build(method, seed=3).module_state_dict(), build(method)
-    before = model.module_state_dict()
+    sd, model = plumbing.module_state_dict(build(method, seed=3)), build(method)
+    before = plumbing.module_state_dict(model)
     key = next(k for k in sd if not k.startswith("head."))
     with pytest.raises(ValueError, match="unexpected vit.blocks.0.norm1.weight"):
-        model.load_module_state_dict({**sd, "vit.blocks.0.norm1.weight": torch.zeros(TINY["dim"])})
+        plumbing.load_module_state_dict(model, {**sd, "vit.blocks.0.norm1.weight": torch.zeros(TINY["dim"])})
     with pytest.raises(ValueError, match=f"missing {key}"):
-        model.load_module_state_dict({k: v for k, v in sd.items() if k != key})
+        plumbing.load_module_state_dict(model, {k: v for k, v in sd.items() if k != key})
     with pytest.raises(ValueError, match=f"shape of {key}"):
-        model.load_module_state_dict({**sd, key: torch.zeros(*sd[key].shape[:-1], sd[key].shape[-1] + 1)})
+        plumbing.load_module_state_dict(model, {**sd, key: torch.zeros(*sd[key].shape[:-1], sd[key].shape[-1] + 1)})
     with pytest.raises(ValueError, match="shape of head.weight"):
-        model.load_module_state_dict(build(method, num_classes=7).module_state_dict())
-    assert all(torch.equal(v, model.module_state_dict()[k]) for k, v in before.items())  # nothing half-loaded
+        plumbing.load_module_state_dict(model, plumbing.module_state_dict(build(method, num_classes=7)))
+    assert all(torch.equal(v, plumbing.module_state_dict(model)[k]) for k, v in before.items())  # nothing half-loaded
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_load_without_head_leaves_the_head_alone(method):
     source, target = perturb(build(method, num_classes=7)), build(method, num_classes=4, seed=2)
     head = {k: v.clone() for k, v in target.head.state_dict().items()}
-    for sd in (source.module_state_dict(), source.module_state_dict(head=False)):  # a 7-class head is ignored
-        target.load_module_state_dict(sd, head=False)
+    for sd in (plumbing.module_state_dict(source), plumbing.module_state_dict(source, head=False)):  # a 7-class head is ignored
+        plumbing.load_module_state_dict(target, sd, head=False)
         assert all(torch.equal(v, target.head.state_dict()[k]) for k, v in head.items())
-        mine = target.module_state_dict(head=False)
-        assert all(torch.equal(v, mine[k]) for k, v in source.module_state_dict(head=False).items())
+        mine = plumbing.module_state_dict(target, head=False)
+        assert all(torch.equal(v, mine[k]) for k, v in plumbing.module_state_dict(source, head=False).items())
 
 
 def overfit(model, steps, lr):
@@ -483,7 +484,7 @@ def test_rewind_then_retrain_keeps_pruned_entries_at_zero():
     assert (model.prompts[:, pruned] == 0).all()
     assert not torch.equal(model.prompts[:, ~pruned], init["prompts"][:, ~pruned])
     assert model.prompts.abs().max() <= (6 / (3 * 64 + 32)) ** 0.5
-    loaded = build("e2vpt", seed=9).load_module_state_dict(model.module_state_dict())  # the rewind point moves
+    loaded = plumbing.load_module_state_dict(build("e2vpt", seed=9), plumbing.module_state_dict(model))  # the rewind point moves
     perturb(loaded).rewind()
     assert torch.equal(loaded.prompts, model.prompts) and torch.equal(loaded.kv_prompts, model.kv_prompts)
 

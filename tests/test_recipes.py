@@ -11,6 +11,7 @@ import torch.nn as nn
 import data
 import e2vpt
 import fewshot
+import plumbing
 import lora
 import vit
 from fixtures import randomize
@@ -92,7 +93,7 @@ def trained(**flags):
 
 
 def same(a, b):
-    return all(torch.equal(x, y) for x, y in zip(a.module_state_dict().values(), b.module_state_dict().values()))
+    return all(torch.equal(x, y) for x, y in zip(plumbing.module_state_dict(a).values(), plumbing.module_state_dict(b).values()))
 
 
 def test_label_smoothing_mixup_cutmix_and_drop_path_change_training_and_nothing_when_off():

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import fewshot
+import plumbing
 import pvp_pretrain
 import vit
 from fixtures import randomize, save_backbone
@@ -38,8 +39,8 @@ def ckpt(tmp_path_factory):
     """A VPT-deep module checkpoint made on backbone(0): what the registry's `pvp` entry starts from."""
     path = tmp_path_factory.mktemp("registry") / "pvp.safetensors"
     model = fewshot.METHODS["vpt"](backbone(), num_classes=3, num_prompts=3)
-    fewshot.save_module(model, path, dict(method="vpt", config=model.config, backbone="tiny",
-                                          backbone_hash=fewshot.weights_hash(backbone())))
+    plumbing.save_module(model, path, dict(method="vpt", config=model.config, backbone="tiny",
+                                          backbone_hash=plumbing.weights_hash(backbone())))
     return path
 
 
@@ -82,10 +83,10 @@ def test_module_state_dict_round_trip(name, ckpt):
     a, _ = make(name, ckpt)
     x = step(a)
     b, _ = make(name, ckpt, seed=1)
-    b.load_module_state_dict(a.module_state_dict())
+    plumbing.load_module_state_dict(b, plumbing.module_state_dict(a))
     assert torch.equal(b.eval()(x), a.eval()(x))
     with pytest.raises(ValueError):
-        b.load_module_state_dict({**a.module_state_dict(), "not.a.tensor.of.it": torch.zeros(1)})
+        plumbing.load_module_state_dict(b, {**plumbing.module_state_dict(a), "not.a.tensor.of.it": torch.zeros(1)})
 
 
 @pytest.mark.parametrize("name", fewshot.METHODS)
@@ -105,11 +106,11 @@ def test_a_pvp_checkpoint_round_trips(name, ckpt, tmp_path):
             if p.requires_grad:
                 p.add_(torch.randn_like(p))
     path = tmp_path / "m.safetensors"
-    fewshot.save_module(model, path, dict(method=name, config=model.config, backbone="tiny",
-                                          backbone_hash=fewshot.weights_hash(backbone())))
+    plumbing.save_module(model, path, dict(method=name, config=model.config, backbone="tiny",
+                                          backbone_hash=plumbing.weights_hash(backbone())))
     loaded = fewshot.METHODS["pvp"](backbone(), num_classes=4, checkpoint=path)
     assert type(loaded) is type(model) and json.dumps(loaded.config) == json.dumps(model.config)
-    mine, theirs = loaded.module_state_dict(head=False), model.module_state_dict(head=False)
+    mine, theirs = plumbing.module_state_dict(loaded, head=False), plumbing.module_state_dict(model, head=False)
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
@@ -145,7 +146,7 @@ def test_pretrained_and_then_started_from_through_both_scripts(name, world, tmp_
 def task_and_backbone(world):
     import data
     [task] = data.load_task("synthetic:shape", shots=1, seed=0)
-    return task, fewshot.load_backbone(str(world / "bb.safetensors"), "vit_synthetic")[0]
+    return task, plumbing.load_backbone(str(world / "bb.safetensors"), "vit_synthetic")[0]
 
 
 ADAPTER = '''"""
@@ -187,21 +188,6 @@ class Adapter(nn.Module):
 
     def forward(self, images):
         return self.head(self.features(images))
-
-    def _own(self, head):
-        return {k: v for k, v in self.state_dict(keep_vars=True).items()
-                if ".down." in k or ".up." in k or (head and k.startswith("head."))}
-
-    def module_state_dict(self, head=True):
-        return {k: v.detach().cpu().clone() for k, v in self._own(head).items()}
-
-    def load_module_state_dict(self, sd, head=True):
-        own, sd = self._own(head), {k: v for k, v in sd.items() if head or not k.startswith("head.")}
-        if set(own) != set(sd):
-            raise ValueError(f"adapter module state dict does not fit: {sorted(set(own) ^ set(sd))}")
-        for k, v in sd.items():
-            own[k].data.copy_(v)
-        return self
 
     @staticmethod
     def trainable_count(vit, num_classes, *, bottleneck):

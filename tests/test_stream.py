@@ -1,4 +1,4 @@
-"""The streaming data path (issue 13): data.Stream read by DataLoader workers gives the images and labels the
+"""The streaming data path: data.Stream read by DataLoader workers gives the images and labels the
 in-memory path gives; the ranks' shards are disjoint and cover a split; pre-training killed mid-epoch and resumed
 ends with the module weights of an uninterrupted run (one process, and two ranks under torchrun); a sweep split over
 --shard jobs runs every planned run once; the bar warns when the loader sets the pace. Micro sizes throughout."""
@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 import fewshot
+import plumbing
 import pvp_pretrain
 import vit
 
@@ -126,7 +127,7 @@ def test_the_bar_warns_when_the_loader_sets_the_pace(folder, monkeypatch, capsys
     [task] = data.load_task("imagefolder", folder, img_size=16, cache_gb=0, workers=0)
     real = data.decode
     monkeypatch.setattr(data, "decode", lambda p: __import__("time").sleep(0.02) or real(p))
-    monkeypatch.setattr(fewshot, "WAIT_WINDOW", 3)
+    monkeypatch.setattr(plumbing, "WAIT_WINDOW", 3)
     cfg = fewshot.Config(batch=2, epochs=1, max_steps=4)
     fewshot.train(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 2)), task.train, task, cfg,
                   CPU, seed=0)
@@ -148,14 +149,14 @@ def backbone(tmp_path_factory):
 # SIGKILL this process right after the second resume file it writes (a mid-epoch checkpoint with --save-every 2 and
 # more than 4 steps per epoch): steps after it are lost, as in a real kill
 KILL_AFTER_SECOND_SAVE = """
-import os, signal, fewshot
-real, saves = fewshot.atomic, []
+import os, signal, plumbing
+real, saves = plumbing.atomic, []
 def atomic(write, path):
     real(write, path)
     saves.extend([path] * str(path).endswith('.resume'))
     if len(saves) == 2:
         os.kill(os.getpid(), signal.SIGKILL)
-fewshot.atomic = atomic
+plumbing.atomic = atomic
 """
 
 
@@ -211,8 +212,9 @@ def test_two_shards_run_every_planned_run_once_and_either_writes_the_whole_table
     argv = lambda out, *extra: ["--weights", str(backbone), "--arch", "vit_synthetic", "--data", "synthetic:shape",
                                 "--method", "linear,vpt", "--shots", "1", "--seeds", "0,1", "--epochs", "1", "--device",
                                 "cpu", "--out", str(out), *extra]
-    shards = [subprocess.Popen([sys.executable, "fewshot.py", *argv(tmp_path / "shards", "--shard", f"{i}/2")], cwd=ROOT,
-                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    shards = [subprocess.Popen([sys.executable, "fewshot.py", *argv(tmp_path / "shards", "--shard", f"{i}/2")],
+                               cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for i in range(2)]
     assert fewshot.main(argv(tmp_path / "single")) == 0
     ends = [p.communicate(timeout=300) for p in shards]
     assert all(p.returncode == 0 for p in shards), [e[-2000:] for _, e in ends]
@@ -229,7 +231,8 @@ def test_two_shards_run_every_planned_run_once_and_either_writes_the_whole_table
 
 def test_a_shard_that_is_done_says_how_many_runs_are_missing(backbone, tmp_path, capsys):
     argv = ["--weights", str(backbone), "--arch", "vit_synthetic", "--data", "synthetic:shape", "--method", "linear",
-            "--shots", "1", "--seeds", "0,1", "--epochs", "1", "--device", "cpu", "--out", str(tmp_path), "--shard", "1/2"]
+            "--shots", "1", "--seeds", "0,1", "--epochs", "1", "--device", "cpu", "--out", str(tmp_path),
+            "--shard", "1/2"]
     assert fewshot.main(argv) == 0
     assert [json.loads(line)["seed"] for line in (tmp_path / "results.jsonl").read_text().splitlines()] == [1]
     assert "1 of the 2 planned runs are not in" in capsys.readouterr().err

@@ -121,7 +121,8 @@ def test_pos_embed_resampling_matches_timm(tmp_path):
 
 
 def test_vit_b16_224_checkpoint_runs_at_384(base_pair):
-    model = vit.load_pretrained(vit.vit_base_patch16(img_size=384, num_classes=1000), base_pair.state_dict(), verbose=False)
+    model = vit.load_pretrained(vit.vit_base_patch16(img_size=384, num_classes=1000), base_pair.state_dict(),
+                                verbose=False)
     assert model.pos_embed.shape == (1, 1 + 24 * 24, 768)
     expected = resample_abs_pos_embed(base_pair.pos_embed.detach(), (24, 24), num_prefix_tokens=1)
     torch.testing.assert_close(model.pos_embed.detach(), expected, atol=1e-6, rtol=0)
@@ -218,8 +219,10 @@ def test_refuses_unknown_and_missing_keys():
 
 def test_refuses_pos_embed_it_cannot_place():
     sd = timm_vit(SMALL, 7, 0.1).state_dict()
-    refused(ours(SMALL, 7), {**sd, "pos_embed": sd["pos_embed"][:, :7]}, "pos_embed has 7 positions", "(1, 1 + g*g, dim)")
-    refused(ours(SMALL, 7), {**sd, "pos_embed": sd["pos_embed"][None]}, "shape mismatch: pos_embed checkpoint (1, 1, 17")
+    refused(ours(SMALL, 7), {**sd, "pos_embed": sd["pos_embed"][:, :7]}, "pos_embed has 7 positions",
+            "(1, 1 + g*g, dim)")
+    refused(ours(SMALL, 7), {**sd, "pos_embed": sd["pos_embed"][None]},
+            "shape mismatch: pos_embed checkpoint (1, 1, 17")
     refused(ours(SMALL, 7), {**sd, "pos_embed": sd["pos_embed"].expand(2, -1, -1)}, "pos_embed checkpoint (2, 17")
     refused(ours(SMALL, 7), {**sd, "pos_embed": torch.tensor(0.5)}, "pos_embed checkpoint ()")
 
@@ -287,8 +290,10 @@ def test_download_verifies_checksum_and_caches(tmp_path, monkeypatch):
     to_google_npz(src.state_dict(), fixture, heads=4)
     md5 = hashlib.md5(fixture.read_bytes()).hexdigest()
     monkeypatch.setattr(vit, "CACHE", tmp_path / "cache")
-    monkeypatch.setitem(vit.PRETRAINED, "fixture", dict(url=fixture.as_uri(), md5_prefix=md5[:6], preset="x", norm="inception"))
-    monkeypatch.setitem(vit.PRETRAINED, "corrupt", dict(url=fixture.as_uri(), md5_prefix="000000", preset="x", norm="inception"))
+    monkeypatch.setitem(vit.PRETRAINED, "fixture",
+                        dict(url=fixture.as_uri(), md5_prefix=md5[:6], preset="x", norm="inception"))
+    monkeypatch.setitem(vit.PRETRAINED, "corrupt",
+                        dict(url=fixture.as_uri(), md5_prefix="000000", preset="x", norm="inception"))
 
     refused(ours(SMALL, 7), "corrupt", "md5", "000000")
     assert not any((tmp_path / "cache").iterdir())  # nothing half-written is left to be reused
@@ -337,7 +342,8 @@ def test_named_weight_placed_by_hand_is_checked_once(tmp_path, monkeypatch):
 
 def test_unreachable_download_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(vit, "CACHE", tmp_path / "cache")
-    monkeypatch.setitem(vit.PRETRAINED, "gone", dict(url=(tmp_path / "absent.npz").as_uri(), md5_prefix=None, preset="x", norm="x"))
+    monkeypatch.setitem(vit.PRETRAINED, "gone",
+                        dict(url=(tmp_path / "absent.npz").as_uri(), md5_prefix=None, preset="x", norm="x"))
     refused(ours(SMALL, 7), "gone", "could not download gone", "--weights PATH")
 
 

@@ -1,0 +1,876 @@
+"""
+Nothing here is a paper's idea; read fewshot.py instead.
+
+What both runners (fewshot.py, pvp_pretrain.py) need around the lesson: flags and their checks, one-line errors and
+exits, devices and torchrun, module and resume files, the run key and the results file, claims and locks, the
+embedded pieces built on demand, the table and the plot. It imports no runner and no method file: the runners pass
+in what it must know (the registry of methods, the recipes, their Config class) as values.
+"""
+import argparse
+import ast
+import dataclasses
+import datetime
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, safe_open, save_file
+from tqdm import tqdm
+
+import data
+import vit as vitlib
+
+HERE = Path(__file__).resolve().parent
+CHECKPOINTS = HERE / "checkpoints"  # built pieces, git-ignored
+SHIPPED_BACKBONE = HERE / "assets" / "vit_synthetic.safetensors"  # the embedded backbone, in the repository
+EMBEDDED_BUILD = []  # extra pvp_pretrain.py flags for the embedded builds (the tests shrink them)
+MAX_SEED, MAX_IMG = 2**32 - 1, 1024  # seeds feed torch generators; past 1024 px a ViT-B/16 step needs > 100 GB
+LR_MAX = 1e4  # above it a run only diverges, or overflows AdamW's float32 step (from ~1e37) with a traceback
+
+# -----------------------------------------------------------------------------
+# errors and exits: one line, no traceback, and what was finished is kept
+
+
+class UsageError(Exception):
+    """A flag or file the user can fix; reported as one line, no traceback."""
+
+
+class Diverged(Exception):
+    """The loss became NaN or infinite."""
+
+
+def need(ok, message):
+    if not ok:
+        raise UsageError(message)
+
+
+def say(message):
+    """One message on stderr, on a line of its own below any progress bar left open (which it closes)."""
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+    print(message, file=sys.stderr)
+
+
+def fail(message, code=1):
+    """Exit with one message on stderr (say)."""
+    say(message)
+    sys.exit(code)
+
+
+def os_error_line(e, kept):
+    """One line for an OSError that reached the top: what failed on which file, and what to do about that errno."""
+    what = f"{e.filename}: {e.strerror or e}" if e.filename else str(e)
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return f"error: cannot write {what}. {kept}: free some space and run the same command again"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"error: not allowed: {what}. {kept}: fix the permissions (or choose other paths) and run it again"
+    return f"error: {what}. {kept}"
+
+
+def terminate_as_interrupt():
+    """SIGTERM (a scheduler ending a job) ends the run like Ctrl-C: finished work is kept and said so."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+def run_script(main, interrupted, kept):
+    """A runner's __main__: main() as the exit status; a user's mistake, an interrupt or a failed read or write
+    outside main's own handlers ends in one line. interrupted, kept: callables giving those lines' endings."""
+    terminate_as_interrupt()
+    try:
+        sys.exit(main())
+    except (UsageError, data.DataError, vitlib.CheckpointError) as e:
+        fail(f"error: {e}")
+    except KeyboardInterrupt:
+        fail(interrupted(), 130)
+    except OSError as e:
+        fail(os_error_line(e, kept()))
+
+# -----------------------------------------------------------------------------
+# flags: a dataclass's fields with their help and their ranges, checked once for both runners
+
+
+def like(cls, name, default, help=None):
+    """A field with the check of `cls`'s field `name` (so pvp_pretrain.py's --lr is checked as fewshot.py's)."""
+    meta = cls.__dataclass_fields__[name].metadata
+    return flag(default, help or meta["help"], meta["ok"], meta["what"], meta["choices"])
+
+
+def flag(default, help, ok=None, what=None, choices=None):
+    """A Config field: its default, --help text, and the check (ok(value, cfg), described as `what`, which may name
+    other fields as {lr:g}) or the choices it must pass. None passes unless the default is not None."""
+    return dataclasses.field(default=default, metadata=dict(help=help, ok=ok, what=what, choices=choices))
+
+
+def parser(cls, description, given_only=False):
+    """The command line of dataclass `cls`. given_only: flags not on the command line are left out (no defaults)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 **({"argument_default": argparse.SUPPRESS} if given_only else {}))
+    for f in dataclasses.fields(cls):
+        name, default = "--" + f.name.replace("_", "-"), {} if given_only else {"default": f.default}
+        if f.type is bool:
+            ap.add_argument(name, action=argparse.BooleanOptionalAction, help=f.metadata["help"], **default)
+        elif f.type is list:
+            ap.add_argument(name, action="append", metavar="NAME=VALUE", help=f.metadata["help"])
+        else:
+            ap.add_argument(name, type=f.type, help=f.metadata["help"] + f" (default: {f.default})", **default)
+    return ap
+
+
+def check_flags(cfg):
+    """Every field's range and choices, as its metadata states them: one UsageError naming the flag."""
+    for f in dataclasses.fields(cfg):
+        value, name, meta = getattr(cfg, f.name), "--" + f.name.replace("_", "-"), f.metadata
+        if value is None and f.default is None:
+            continue
+        if meta.get("choices"):
+            choices = ", ".join(c for c in meta["choices"] if c)
+            need(value in meta["choices"], f"{name} {value}: choose one of {choices}")
+        if meta.get("ok"):
+            need(meta["ok"](value, cfg), f"{name} must be {meta['what'].format(**vars(cfg))}, got {value}")
+
+
+def listed(flag_name, text, kind, ok, what):
+    """A comma list of `kind`, each ok(value), none twice: the values, or one UsageError."""
+    try:
+        values = [kind(v) if kind is not int or re.fullmatch(r"-?[0-9]+", v.strip()) else None
+                  for v in text.split(",")]
+    except ValueError:
+        values = []
+    need(values and None not in values and all(map(ok, values)), f"{flag_name} must be {what}, got {text!r}")
+    need(len(set(values)) == len(values), f"{flag_name} {text} names a value twice: give each once")
+    return values
+
+
+def given_options(cfg, named):
+    """{option: value} the user set: --opt NAME=VALUE (a Python/JSON literal, a comma list, or a word), and the
+    named flags (`named`: flag -> (option, default)), e.g. --prompts for num_prompts."""
+    out = {}
+    for item in cfg.opt or []:
+        name, eq, text = item.partition("=")
+        need(eq and name.isidentifier(), f"--opt {item!r}: write NAME=VALUE, e.g. --opt dropout=0.0")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            try:
+                value = float(text)  # nan, inf: a number, refused below as not finite
+            except ValueError:
+                value = text.split(",") if "," in text else text
+        need(repr(out.get(name, value)) == repr(value), f"--opt {name} is given twice, as {out.get(name)!r} and "
+             f"{value!r}")
+        out[name] = value
+    for flag_name, (name, _) in named.items():
+        if getattr(cfg, flag_name, None) is not None:
+            need(out.get(name, getattr(cfg, flag_name)) == getattr(cfg, flag_name), f"--{flag_name.replace('_', '-')} "
+                 f"{getattr(cfg, flag_name)} and --opt {name}={out.get(name)!r} disagree: give one")
+            out[name] = getattr(cfg, flag_name)
+    return out
+
+
+def check_type(method, name, value, default):
+    """An option's value of the kind its default is (bool, whole number, finite number, list): one UsageError."""
+    kinds = [(bool, lambda v: isinstance(v, bool), "True or False"),
+             (int, lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+             (float, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+              "a finite number"),
+             ((tuple, list), lambda v: isinstance(v, (tuple, list)), "a list, e.g. ('q','v')")]
+    for kind, ok, what in kinds:
+        if isinstance(default, kind):
+            need(ok(value), f"{method}'s option {name} is {what} (its default is {default!r}), got {value!r}")
+            return
+
+
+def arch_of(weights, arch):
+    """The preset a backbone is built with: the embedded one, a named weight's own, or --arch."""
+    return "vit_synthetic" if weights is None else vitlib.PRETRAINED.get(weights, {}).get("preset", arch)
+
+
+def check_backbone_flags(cfg):
+    """--img-size a multiple of the backbone's patch, --weights a file or a name; returns the preset."""
+    arch = arch_of(cfg.weights, cfg.arch)
+    patch = getattr(vitlib.PRESETS[arch], "keywords", {}).get("patch_size") or 1
+    need(not cfg.img_size or cfg.img_size % patch == 0,
+         f"--img-size {cfg.img_size} must be a multiple of {patch}, the patch size of {arch}")
+    need(cfg.weights is None or cfg.weights in vitlib.PRETRAINED or Path(cfg.weights).is_file(),
+         f"--weights: no checkpoint file at {cfg.weights}, and not one of the named weights "
+         f"{', '.join(vitlib.PRETRAINED)}")
+    return arch
+
+# -----------------------------------------------------------------------------
+# devices, the environment, torchrun
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+
+
+def check_device(flag_name, name, amp=False):
+    """A torch device this machine runs (cpu, cuda[:n] with that GPU, mps), or one UsageError naming the flag."""
+    try:
+        device = pick_device(name)
+    except RuntimeError:
+        raise UsageError(f"{flag_name} {name}: not a torch device; use auto, cpu, cuda, cuda:<n> or mps") from None
+    need(device.type in ("cpu", "cuda", "mps"), f"{flag_name} {name}: nanoPETL runs on cpu, cuda or mps, not "
+         f"{device.type}; use auto, cpu, cuda, cuda:<n> or mps")
+    need(device.type == "cuda" or device.index is None, f"{flag_name} {name}: only CUDA devices are numbered; use "
+         f"{device.type}")
+    for kind, there in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())):
+        need(device.type != kind or there, f"{flag_name} {name}: no {kind.upper()} here; use cpu or auto")
+    need(device.type != "cuda" or (device.index or 0) < torch.cuda.device_count(), f"{flag_name} {name}: this "
+         f"machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    need(not amp or device.type == "cuda", f"--amp is bf16 autocast on CUDA, and this run is on {device.type}: "
+         "drop --amp")
+    return device
+
+
+def check_environment():
+    """The environment variables nanoPETL reads, checked before any work: one UsageError each."""
+    data.max_gb()  # NANOPETL_MAX_GB: data.py reads and checks its own
+    cache = os.environ.get("NANOPETL_CACHE")
+    need(not cache or not any(p.exists() and not p.is_dir() for p in (Path(cache), *Path(cache).parents)),
+         f"NANOPETL_CACHE={cache} is, or lies under, a file: it must name the folder for downloaded weights; unset it "
+         "or point it at a folder")
+    if "LOCAL_RANK" in os.environ:  # torchrun sets all of these; a stray LOCAL_RANK alone would hang in init
+        torchrun = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        missing = [k for k in torchrun if k not in os.environ]
+        bad = [k for k in torchrun if k != "MASTER_ADDR" and not os.environ.get(k, "0").isdigit()]
+        need(not missing, f"LOCAL_RANK={os.environ['LOCAL_RANK']} is set, but {', '.join(missing)} "
+             f"{'is' if len(missing) == 1 else 'are'} not: run under torchrun, or unset LOCAL_RANK")
+        need(not bad, f"{', '.join(f'{k}={os.environ[k]}' for k in bad)}: torchrun's variables are whole numbers; "
+             "run under torchrun, or unset them")
+
+
+def init_distributed(device):
+    """(rank, world size, device). Under torchrun: join the group (NCCL on CUDA, gloo on CPU), one GPU per rank."""
+    if "LOCAL_RANK" not in os.environ:
+        return 0, 1, pick_device(device)
+    cuda, local = torch.cuda.is_available() and device in ("auto", "cuda"), int(os.environ["LOCAL_RANK"])
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(days=7))  # ranks wait at the end
+    if cuda:
+        torch.cuda.set_device(local)
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}") if cuda else pick_device(device)
+
+
+def autocast(device, amp):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+def rng_state(device):
+    """The global RNG states that a step draws from (dropout): the CPU's, and the device's on CUDA."""
+    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if torch.device(device).type == "cuda" else [])
+
+
+def set_rng_state(states, device):
+    torch.set_rng_state(states[0])
+    if torch.device(device).type == "cuda" and len(states) > 1:
+        torch.cuda.set_rng_state(states[1], device)
+
+
+GPU_KEPT = {}  # id of a kept split's images -> (that tensor, its copy on the GPU): made once per process
+
+
+def on_device(split, device, share=0.25):
+    """A split kept in memory, copied to the GPU once per process when it takes at most `share` of the free memory
+    there (every run of a sweep then evaluates it without a copy); else, or off CUDA, or streamed, as it is."""
+    if device.type != "cuda" or not isinstance(split, data.Split) or split.images.device.type == "cuda":
+        return split
+    key = id(split.images)
+    if key not in GPU_KEPT and split.images.nbytes <= share * torch.cuda.mem_get_info(device)[0]:
+        GPU_KEPT[key] = split.images, data.Split(split.images.to(device), split.labels.to(device))
+    return GPU_KEPT[key][1] if key in GPU_KEPT else split
+
+
+WAIT_WINDOW = 50  # steps over which the bar's images/s and data wait are measured
+
+
+class Progress:
+    """What the training bar shows beside the loss, over the last WAIT_WINDOW steps: images/s (over all ranks) and
+    `wait`, the fraction of the time the loop waited for its next batch; once, a warning when a split read from disk
+    kept the loop waiting more than half the time (the loader, not the model, sets the pace)."""
+
+    def __init__(self, split, world, rank):
+        self.split, self.world, self.rank, self.warned = split, world, rank, False
+        self.start, self.waited, self.images, self.steps = time.perf_counter(), 0.0, 0, 0
+
+    def timed(self, batches):
+        """The batches, timing how long each next() took."""
+        it = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            self.waited += time.perf_counter() - t0
+            yield item
+
+    def step(self, images):
+        """Count a step of `images` images; the figures to show, over the window so far."""
+        self.images, self.steps = self.images + images, self.steps + 1
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        wait = self.waited / seconds
+        shown = {"img/s": f"{self.images * self.world / seconds:,.0f}", "wait": f"{wait:.0%}"}
+        if self.steps == WAIT_WINDOW:  # the window is full: judge it, and start the next
+            if wait > 0.5 and isinstance(self.split, data.Stream) and self.rank == 0 and not self.warned:
+                self.warned = True
+                tqdm.write(f"warning: the loader is the bottleneck: the last {self.steps} steps waited for data "
+                           f"{wait:.0%} of the time, with {self.split.workers} loader workers; give it more "
+                           "(--workers), or keep the split in memory (--cache-gb) if it fits")
+            self.start, self.waited, self.images, self.steps = time.perf_counter(), 0.0, 0, 0
+        return shown
+
+# -----------------------------------------------------------------------------
+# files: atomic writes, content hashes, the module contract and its checkpoints, resume files, locks
+
+
+def atomic(write, path):
+    """write(tmp) then rename: a kill leaves the old file or the new one, never half of one. The temporary name is
+    unique, so two writers never write into one temporary file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:  # name the file being written, not its temporary twin
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def tensors_hash(tensors):
+    """A short fingerprint of a dict of tensors by content: each name and its values as float32, in name order (the
+    hash module checkpoints and the shipped backbone's header have always recorded)."""
+    h = hashlib.sha256()
+    for k, v in sorted(tensors.items()):
+        h.update(k.encode()), h.update(v.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def weights_hash(model):
+    """A backbone's fingerprint by content, head excluded (a module checkpoint records it; so does every run)."""
+    return tensors_hash({k: v for k, v in model.state_dict().items() if not k.startswith("head.")})
+
+
+def _own(model, head):
+    """The method's module, live: its trainable parameters and its buffers outside the backbone (`vit.`)."""
+    mine = {n for n, p in model.named_parameters() if p.requires_grad}
+    mine |= {n for n, _ in model.named_buffers() if not n.startswith("vit.")}
+    return {k: v for k, v in model.state_dict(keep_vars=True).items()
+            if k in mine and (head or not k.startswith("head."))}
+
+
+def module_state_dict(model, head=True):
+    """A method's module as detached CPU copies, by state_dict name: e.g. VPT's `prompts`, E2VPT's prompts and masks,
+    LoRA's A and B (the same whether merged or not: merging edits only frozen weights), and the head (head=False:
+    without it; PVP does not reuse the source head)."""
+    return {k: v.detach().cpu().clone() for k, v in _own(model, head).items()}
+
+
+def load_module_state_dict(model, sd, head=True):
+    """Copy `sd` into the module's tensors; every one must be there with its shape, or ValueError says which and
+    nothing is copied. head=False leaves the head alone and ignores head.* entries of `sd`. A merged model (LoRA) is
+    unmerged, loaded and merged again; a method's loaded() hook runs last (E2VPT: the loaded prompts are its rewind
+    point)."""
+    own = _own(model, head)
+    sd = {k: v for k, v in sd.items() if head or not k.startswith("head.")}
+    problems = [f"missing {k}" for k in own if k not in sd]
+    problems += [f"unexpected {k}" for k in sd if k not in own]
+    problems += [f"shape of {k}: got {tuple(v.shape)}, expected {tuple(own[k].shape)}"
+                 for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if problems:
+        raise ValueError(f"{getattr(model, 'name', type(model).__name__)} module state dict does not fit (config "
+                         f"{getattr(model, 'config', None)}): " + "; ".join(problems))
+    merged = getattr(model, "merged", False)
+    if merged:
+        model.unmerge()
+    with torch.no_grad():
+        for k, v in sd.items():
+            own[k].copy_(v)
+    if merged:
+        model.merge()
+    if hasattr(model, "loaded"):
+        model.loaded()
+    return model
+
+
+def save_module(model, path, meta):
+    """A module checkpoint: .safetensors (loading it runs no code), the module without its head, `meta` as JSON."""
+    tensors = {k: v.contiguous() for k, v in module_state_dict(model, head=False).items()}
+    atomic(lambda p: save_file(tensors, p, metadata={"nanopetl": json.dumps(meta)}), path)
+
+
+MODULE_HEADER = dict(method=str, config=dict, backbone=str, backbone_hash=str)  # what a module header must hold
+
+
+def options_of(build):
+    """{option: default} of a registry entry: its keyword-only arguments, num_classes aside."""
+    import inspect
+    return {n: p.default for n, p in inspect.signature(build).parameters.items()
+            if p.kind == p.KEYWORD_ONLY and n != "num_classes"}
+
+
+def module_header(path, registry):
+    """The checked header of a module checkpoint (reads no tensors): refused with one line naming what is wrong."""
+    path = Path(path)
+    try:
+        with safe_open(path, "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("nanopetl", "null"))
+    except Exception as e:  # safetensors reports truncation and foreign files in several exception types
+        raise vitlib.CheckpointError(f"{path}: not a readable module checkpoint ({vitlib.error_line(e)}); make one "
+                                     "with python pvp_pretrain.py") from None
+    if not isinstance(meta, dict) or "method" not in meta:
+        raise vitlib.CheckpointError(f"{path}: a .safetensors file without nanoPETL's module header (a backbone? "
+                                     "that goes to --weights); make a module checkpoint with python pvp_pretrain.py "
+                                     "--weights <the backbone>")
+    bad = [f"{k} ({type(meta.get(k)).__name__}, not {t.__name__})" for k, t in MODULE_HEADER.items()
+           if not isinstance(meta.get(k), t)]
+    kinds = [m for m in registry if m != "pvp"]
+    if not bad and meta["method"] not in kinds:
+        bad = [f"method {meta['method']!r} (not one of {', '.join(kinds)})"]
+    if not bad and (extra := set(meta["config"]) - set(options_of(registry[meta["method"]]))):
+        bad = [f"config options {sorted(extra)} that {meta['method']} does not take"]
+    if bad:
+        raise vitlib.CheckpointError(f"{path}: its nanoPETL header is damaged or from another version: " +
+                                     "; ".join(bad) + ". Pre-train it again with python pvp_pretrain.py")
+    return meta
+
+
+def read_module(path, backbone, registry):
+    """(meta, tensors) of a module checkpoint, refused unless it was made on this very backbone and is finite."""
+    meta = module_header(path, registry)
+    try:
+        tensors = load_file(path)
+    except Exception as e:
+        raise vitlib.CheckpointError(f"{path}: not a readable module checkpoint ({vitlib.error_line(e)}); make one "
+                                     "with python pvp_pretrain.py") from None
+    if meta["backbone_hash"] != weights_hash(backbone):
+        raise vitlib.CheckpointError(
+            f"{path} was pre-trained on backbone {meta['backbone']} (weights {meta['backbone_hash']}), not on this one "
+            f"(weights {weights_hash(backbone)}): pre-train it on this backbone with pvp_pretrain.py --weights")
+    vitlib.check_finite(tensors, path)
+    return meta, tensors
+
+
+def header(path):
+    """The nanoPETL JSON header of a .safetensors file ({} when it has none)."""
+    with safe_open(path, "pt") as f:
+        return json.loads((f.metadata() or {}).get("nanopetl", "{}"))
+
+
+def read_resume(path, wanted):
+    """(model tensors, optimizer state, position) from a resume file, refused unless it records the recipe `wanted`.
+    The position is the training loop's (epoch, batch, step, and mid-epoch the generator and RNG states)."""
+    import pickle
+
+    def refuse(e):
+        why = ("Pickled objects are refused, since loading them can run code" if isinstance(e, pickle.UnpicklingError)
+               else "Written by another version of nanoPETL, or damaged")
+        return vitlib.CheckpointError(f"{path}: not the resume file of this run ({vitlib.error_line(e)}). {why}: "
+                                      "delete it to start over")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        theirs = json.loads(state["recipe"])
+    except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, TypeError, EOFError, OSError) as e:
+        raise refuse(e) from None
+    if differ := [f"{k} {theirs.get(k)!r} there, {v!r} here" for k, v in wanted.items() if theirs.get(k) != v]:
+        raise vitlib.CheckpointError(f"{path}: the resume file of another run ({'; '.join(differ)}): delete it to "
+                                     "start over, or re-run with the flags that wrote it")
+    try:
+        position = state["position"]
+        position["epoch"], position["batch"], position["step"]  # noqa: B018 (each must be there)
+        return state["model"], state["optimizer"], position
+    except (KeyError, TypeError) as e:
+        raise refuse(e) from None
+
+
+def write_resume(path, tensors, opt, position, wanted):
+    atomic(lambda p: torch.save(dict(model=tensors, optimizer=opt.state_dict(), position=position,
+                                     recipe=json.dumps(wanted)), p), path)
+
+
+def locked(path):
+    """An open file holding the exclusive lock <path>.lock (waits, and says so, while another process holds it)."""
+    lock = Path(str(path) + ".lock")
+    while True:
+        f = open(lock, "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting: another process is building {path}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        if lock.exists() and os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:  # not a lock file its holder removed
+            return f
+        f.close()
+
+
+def unlock(path, lock):
+    if lock:
+        Path(str(path) + ".lock").unlink(missing_ok=True)  # while held: a waiter sees it gone and takes a new one
+        lock.close()
+
+
+def check_writable(out):
+    """--out's folder exists (made if needed) and takes a file: found before training, not after."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".write-test"):
+            pass  # a name of its own: ranks under torchrun check at once
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write in {out.parent} ({e.strerror or e}): give a path in a "
+                         "folder you can write to") from None
+
+# -----------------------------------------------------------------------------
+# the backbone, and the embedded pieces built on demand (by running a command, whose progress shows)
+
+
+def load_backbone(weights, arch="vit_base_patch16", img_size=None):
+    """(ViT without head, its name): `weights` (a PRETRAINED name or a path), or with None the embedded backbone."""
+    if weights is None:  # checked against the weight hash its header records: a damaged file is refused
+        path = embedded_backbone()
+        model = vitlib.load_pretrained(vitlib.vit_synthetic(num_classes=0), path, verbose=False).eval()
+        recorded = header(path).get("weights_hash")
+        if recorded not in (None, weights_hash(model)):
+            raise vitlib.CheckpointError(f"{path}: its weights hash to {weights_hash(model)}, not to the {recorded} "
+                                         "its header records (damaged?): restore it (git checkout), or rebuild it "
+                                         "with python tools/build_backbone.py")
+        return model, "vit_synthetic"
+    arch = vitlib.PRETRAINED.get(weights, {}).get("preset", arch)
+    model = vitlib.PRESETS[arch](num_classes=0, **({"img_size": img_size} if img_size else {}))
+    return vitlib.load_pretrained(model, weights).eval(), f"{arch}:{Path(weights).name}"
+
+
+def pretrain_once(path, script, argv, what):
+    """Build a missing piece by running `script` (its progress shows here), which locks `path`, so two sweeps
+    starting at once build it once; --resume goes on from an interrupted build's last epoch."""
+    print(f"building {what} once; cached at {path}")
+    cmd = [sys.executable, str(HERE / script), *argv, "--out", str(path), "--resume"]
+    if (code := subprocess.run(cmd).returncode) != 0:
+        raise KeyboardInterrupt if code == 130 else UsageError(
+            f"building {what} failed ({' '.join(cmd[1:])} exited with {code}; its message is above)")
+    return path
+
+
+def embedded_backbone():
+    """The path of the shipped embedded backbone (assets/, made by tools/build_backbone.py with the recipe its header
+    records), or of one built by that command under checkpoints/ when the shipped file is gone."""
+    if SHIPPED_BACKBONE.exists():
+        return SHIPPED_BACKBONE
+    path = CHECKPOINTS / "vit_synthetic.safetensors"
+    return path if path.exists() else pretrain_once(path, "tools/build_backbone.py", EMBEDDED_BUILD, "the embedded "
+                                                    f"backbone ({SHIPPED_BACKBONE} is gone; git checkout restores it)")
+
+
+def embedded_pvp(backbone, registry):
+    """The embedded PVP prompts (VPT-deep pre-trained on the synthetic PVP source), built when missing or when they
+    were made on another backbone."""
+    path = CHECKPOINTS / "pvp_vpt_vit_synthetic.safetensors"
+    try:
+        stale = path.exists() and module_header(path, registry)["backbone_hash"] != weights_hash(backbone)
+    except vitlib.CheckpointError:
+        stale = True
+    if not path.exists() or stale:
+        pretrain_once(path, "pvp_pretrain.py", ["--weights", str(embedded_backbone()), "--arch", "vit_synthetic",
+                                                *EMBEDDED_BUILD], "the embedded PVP prompts" +
+                      " (the backbone changed)" * stale)
+    return path
+
+# -----------------------------------------------------------------------------
+# the checks a sweep makes before any work
+
+
+def check_sweep(cfg, registry, recipes, named, method_options):
+    """Refuse what cannot work before any time is spent: one UsageError naming the flag and what to do. `registry`,
+    `recipes`, `named` (flag -> option) and method_options(name, cfg) are fewshot.py's. Returns (methods, shots,
+    seeds, {method: its options as its constructor resolves them})."""
+    methods = list(registry) if cfg.method.strip() == "all" else [m.strip() for m in cfg.method.split(",")]
+    need(all(methods), f"--method {cfg.method!r} has an empty name: a comma list of names, e.g. linear,vpt")
+    need("all" not in methods, f"--method {cfg.method}: 'all' stands alone (it means every method)")
+    unknown = [m for m in methods if m not in registry]
+    need(not unknown, f"unknown method {', '.join(unknown)}: choose from {', '.join(registry)}, or all")
+    need(len(set(methods)) == len(methods), f"--method {cfg.method} names a method twice")
+    need(0 < cfg.lr <= LR_MAX, f"--lr must be a positive number, at most {LR_MAX:g}, got {cfg.lr}")
+    shots = [None] if cfg.shots == "all" else listed("--shots", cfg.shots, int, lambda k: k >= 1,
+                                                     "'all' or a comma list of whole numbers from 1 up")
+    seeds = listed("--seeds", cfg.seeds, int, lambda s: 0 <= s <= MAX_SEED,
+                   f"a comma list of whole numbers from 0 to {MAX_SEED}")
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    need(cfg.grid or (cfg.grid_lr, cfg.grid_wd) == (defaults["grid_lr"], defaults["grid_wd"]),
+         "--grid-lr and --grid-wd are the grid that --grid searches: add --grid, or drop them")
+    listed("--grid-lr", cfg.grid_lr, float, lambda v: 0 < v <= LR_MAX, f"a comma list of lrs in (0, {LR_MAX:g}]")
+    listed("--grid-wd", cfg.grid_wd, float, lambda v: 0 <= v < math.inf, "a comma list of weight decays >= 0")
+    check_flags(cfg)
+    listed("--prune-grid", cfg.prune_grid, float, lambda v: 0 <= v < 1, "a comma list of fractions in [0, 1)")
+    need(cfg.reprob == 0 or cfg.aug == "randaug", "--reprob is random erasing inside --aug randaug: "
+         "add --aug randaug, or drop --reprob")
+    need(cfg.recipe in recipes, f"--recipe {cfg.recipe}: choose one of {', '.join(recipes)}")
+    check_data(cfg, shots)
+    arch = check_backbone_flags(cfg)
+    if cfg.pvp_init and "pvp" not in methods:  # harmless (one flag set for many sweeps), but maybe a slip: say so
+        print(f"warning: --pvp-init is where --method pvp starts, and --method {cfg.method} has no pvp: it is ignored",
+              file=sys.stderr)
+    need(cfg.pvp_init is None or Path(cfg.pvp_init).is_file(), f"--pvp-init: no module checkpoint at {cfg.pvp_init}; "
+         "make one with python pvp_pretrain.py --weights <this backbone> --out <path>")
+    need("pvp" not in methods or cfg.pvp_init or cfg.weights is None, "--method pvp with --weights needs --pvp-init: a "
+         "module checkpoint pre-trained on that backbone (python pvp_pretrain.py --weights ...)")
+    configs = check_options(cfg, methods, arch, registry, named, method_options)
+    i, slash, n = (cfg.shard or "0/1").partition("/")
+    need(slash and i.isdigit() and n.isdigit() and int(i) < int(n), f"--shard {cfg.shard}: write i/n with 0 <= i < n, "
+         "e.g. --shard 0/4 ... --shard 3/4 for four jobs")
+    check_device("--device", cfg.device, cfg.amp)
+    check_environment()
+    check_out_folder(Path(cfg.out))
+    return methods, shots, seeds, configs
+
+
+def check_data(cfg, shots):
+    """--data a known name, and the flags that go with it (--data-root, --download, --vtab-task)."""
+    name, _, sub = cfg.data.partition(":")
+    need(name in data.DATASETS, f"unknown dataset {name!r} (--data): choose one of {', '.join(data.DATASETS)}")
+    need(name != "synthetic" or not sub or sub in data.SYNTHETIC_TASKS, f"unknown synthetic task {sub!r} (--data "
+         f"synthetic:<task>): choose one of {', '.join(data.SYNTHETIC_TASKS)}, or --data synthetic for all")
+    need(name != "synthetic" or cfg.data_root is None, f"--data-root is for data on disk; the embedded --data "
+         f"{cfg.data} has none: drop it")
+    need(not cfg.download or name in data.TORCHVISION, f"--download fetches {', '.join(data.TORCHVISION)} through "
+         f"torchvision, not --data {cfg.data}: drop it")
+    need(cfg.vtab_task is None or name == "vtab1k", f"--vtab-task is for --data vtab1k, not --data {cfg.data}: drop it")
+    if name != "synthetic":
+        need(cfg.data_root is not None, f"--data {name} reads from disk: give its root (--data-root), laid out as "
+             f"{data.LAYOUTS[name]}")
+        need(cfg.download or Path(cfg.data_root).is_dir(), f"--data-root {cfg.data_root} does not exist (or is not a "
+             f"folder): give the folder that holds {data.LAYOUTS[name]}")
+    task = cfg.vtab_task or sub
+    need(name != "vtab1k" or task in data.VTAB_TASKS, (f"--vtab-task {task!r} is not a VTAB-1k task folder: choose"
+         if task else "--data vtab1k needs --vtab-task <folder>,") + f" one of {', '.join(data.VTAB_TASKS)}")
+    need(name != "noah-fewshot" or None not in shots, "--data noah-fewshot reads the list file of each shots and seed: "
+         "give --shots from 1,2,4,8,16, not all")
+
+
+def check_out_folder(out):
+    """--out: a folder we can write, whose results.jsonl (if any) is a plain file."""
+    results = out / "results.jsonl"
+    need(not out.exists() or out.is_dir(), f"--out {out} is a file, not a folder: give a folder for results.jsonl")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create that folder ({e.strerror}): give one you can write to") from None
+    need(os.access(out, os.W_OK), f"--out {out}: cannot write in that folder: give one you can write to")
+    need(not results.exists() or results.is_file(), f"{results} is not a regular file (a re-run reads it whole): "
+         "move it away, or give another --out")
+
+
+def check_options(cfg, methods, arch, registry, named, method_options):
+    """Method options: each given one taken by some chosen method, each value one its constructor accepts (tried on
+    a weightless 'meta' copy of the backbone), and none that contradicts a pvp module's own."""
+    import copy
+    given = given_options(cfg, named)
+    builders = [m for m in methods if m != "pvp"]
+    takers = {k: [m for m in builders if k in options_of(registry[m])] for k in given}
+    if "pvp" in methods and cfg.pvp_init:  # the module's options are its checkpoint's: a flag may not differ
+        meta = module_header(cfg.pvp_init, registry)
+        clash = {k: (v, meta["config"][k]) for k, v in given.items() if k in meta["config"] and meta["config"][k] != v}
+        need(not clash, f"--pvp-init {cfg.pvp_init} holds a {meta['method']} module with " + ", ".join(
+            f"{k}={theirs!r}" for k, (_, theirs) in clash.items()) + ", and this command asks for " + ", ".join(
+            f"{k}={mine!r}" for k, (mine, _) in clash.items()) + ": pvp keeps its module's options, so compare like "
+            "with like (drop the flag, or pre-train a module with it: pvp_pretrain.py)")
+        takers = {k: ms + ["pvp"] * (k in meta["config"]) for k, ms in takers.items()}
+    for k, ms in takers.items():
+        flag_name = next((f"--{f.replace('_', '-')}" for f, (o, _) in named.items() if o == k and getattr(cfg, f) is not
+                          None), f"--opt {k}")
+        if not ms and flag_name.startswith("--opt"):
+            raise UsageError(f"{flag_name}: none of --method {','.join(methods)} takes it; " + "; ".join(
+                f"{m} takes {', '.join(options_of(registry[m])) or 'no options'}" for m in builders))
+        if not ms:  # a named option (--prompts, --rank, ...) set once for many sweeps: a warning
+            print(f"warning: {flag_name} is ignored: none of --method {','.join(methods)} takes {k}", file=sys.stderr)
+    for m in builders:
+        for k, v in method_options(m, cfg).items():
+            check_type(m, k, v, options_of(registry[m])[k])
+    configs = {}
+    if not builders:  # pvp alone: its options are its checkpoint's (and a first meta build costs about a second)
+        return configs
+    with torch.device("meta"):  # no memory, no weights: the constructors check their own arguments
+        skeleton = vitlib.PRESETS[arch](num_classes=0, **({"img_size": cfg.img_size} if cfg.img_size else {}))
+        for m in builders:
+            try:
+                configs[m] = registry[m](copy.deepcopy(skeleton), num_classes=2, **method_options(m, cfg)).config
+            except (TypeError, ValueError) as e:
+                raise UsageError(f"--method {m}: {e}; change the option (--opt NAME=VALUE or its flag)") from None
+    return configs  # as the constructors resolve them (defaults filled in): what a run's key holds
+
+# -----------------------------------------------------------------------------
+# a run's key, the results file (lines appended under a lock, read back whatever is in it), claims
+
+
+def run_key(identity):
+    """method|task|shots|seed|hash of the run's identity (everything that determines its numbers): readable in
+    front, exact behind."""
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{label(identity['method'], identity['options'])}|{identity['data']['dataset']}|{identity['shots']}|" \
+           f"{identity['seed']}|{digest}"
+
+
+def label(name, options):
+    """The table's row name: pvp says which module it starts from, pvp(vpt) or pvp(lora)."""
+    return f"pvp({options['method']})" if name == "pvp" else name
+
+
+REQUIRED = dict(key=str, method=str, status=str, seconds=(int, float))
+REQUIRED_OK = dict(test_top1=(int, float), val_top1=(int, float), trainable=int)
+
+
+def append(path, record):
+    """One JSON line, appended under an exclusive lock and flushed to disk: sweeps sharing --out never interleave.
+    A line torn by an earlier failed write is ended first, so it cannot swallow this one."""
+    try:
+        with open(path, "ab+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX)
+            except OSError:  # a file system without flock (some NFS, Lustre; --shard): still one O_APPEND write
+                pass
+            end = f.seek(0, os.SEEK_END)
+            torn = end > 0 and f.seek(end - 1) == end - 1 and f.read(1) != b"\n"
+            f.write(b"\n" * torn + json.dumps(record).encode() + b"\n")
+            f.flush(), os.fsync(f.fileno())
+    except OSError as e:  # e.g. the disk is full
+        raise UsageError(f"cannot write {path}: {e.strerror or e}. The runs finished before this one are kept there; "
+                         f"free some space (or pass another --out) and run the same command again") from None
+
+
+def finished(path, warn=False):
+    """{key: record} of the well-formed lines of a results file. A line that is not JSON, not an object or lacks a
+    field (a write cut short, an edit by hand) is skipped, so its run runs again; warn=True says which lines."""
+    if not path.exists():
+        return {}
+    if not path.is_file():  # a FIFO or a device would be read forever
+        raise UsageError(f"{path} is not a regular file (a re-run reads it whole): move it away, or give another --out")
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as e:
+        raise UsageError(f"cannot read {path} ({e.strerror or e}), the results of earlier runs in --out: fix its "
+                         "permissions, or give another --out") from None
+    records, bad = {}, []
+    for n, line in enumerate(text.splitlines(), 1):
+        try:
+            r = json.loads(line)
+        except ValueError:
+            r = None
+        need_ok = REQUIRED | (REQUIRED_OK if isinstance(r, dict) and r.get("status") == "ok" else {})
+        if isinstance(r, dict) and all(isinstance(r.get(k), t) for k, t in need_ok.items()):
+            records[r["key"]] = r
+        elif line.strip():
+            bad.append(n)
+    if warn and bad:
+        shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        print(f"warning: {path}: skipped {len(bad)} line(s) that are not whole results lines (line {shown}); their "
+              "runs, if planned, run again", file=sys.stderr)
+    return records
+
+
+def claim(out, key):
+    """An open file holding an exclusive lock for run `key` while it trains, or None if another process holds it:
+    two sweeps on one --out split the work instead of repeating it. The OS drops the lock if the process dies."""
+    d = out / ".claims"
+    d.mkdir(exist_ok=True)
+    f = open(d / hashlib.sha1(key.encode()).hexdigest()[:16], "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return f
+    except BlockingIOError:
+        f.close()
+        return None
+
+
+def say_missing(missing, planned, results, shards):
+    """After a sweep: why some planned runs are not in the results file yet."""
+    if missing and shards > 1:
+        print(f"{len(missing)} of the {len(planned)} planned runs are not in {results} yet: other shards' (--shard "
+              f"i/{shards}); when every shard has finished, run any of them again (or this command without --shard) "
+              "for the full table", file=sys.stderr)
+    elif missing:
+        print(f"{len(missing)} runs are not in {results} yet: another sweep on {results.parent} is running them; when "
+              "it ends, run this command again for the full table", file=sys.stderr)
+
+# -----------------------------------------------------------------------------
+# the table and the plot
+
+
+def cells(records, rows):
+    """{(row, shots): (per-seed test top-1 averaged over tasks, the runs)} over the finished runs."""
+    out = {}
+    for m in rows:
+        for k in sorted({r["shots"] for r in records if r["row"] == m}, key=lambda s: (s == "all", s)):
+            rs = [r for r in records if r["row"] == m and r["shots"] == k and r["status"] == "ok"]
+            per_seed = [[r["test_top1"] for r in rs if r["seed"] == s] for s in sorted({r["seed"] for r in rs})]
+            if rs:
+                out[m, k] = torch.tensor([sum(a) / len(a) for a in per_seed]), rs
+    return out
+
+
+def summarize(records, rows, backbone_params):
+    """Markdown: method x shots, test top-1 as mean ± std over seeds of the mean over tasks."""
+    lines = ["| method | shots | test top-1 (%) | seeds x tasks | trainable params | % of backbone | s / run |",
+             "|---|---|---|---|---|---|---|"]
+    for (m, k), (acc, rs) in cells(records, rows).items():
+        spread = f" ± {acc.std().item():.2f}" if len(acc) > 1 else ""
+        p = sum(r["trainable"] for r in rs) / len(rs)
+        lines.append(f"| {m} | {k} | {acc.mean():.2f}{spread} | {len(acc)} x {len(rs) // len(acc)} | {p:,.0f} | "
+                     f"{100 * p / backbone_params:.3f} | {sum(r['seconds'] for r in rs) / len(rs):.1f} |")
+    return "\n".join(lines)
+
+
+def plot(records, rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    table = cells(records, rows)
+    for m in rows:
+        points = [(k, acc.mean().item(), acc.std().item() if len(acc) > 1 else 0.0)
+                  for (mm, k), (acc, _) in table.items() if mm == m and k != "all"]
+        if points:
+            shots, mean, std = map(torch.tensor, zip(*points))
+            ax.plot(shots, mean, marker="o", label=m)
+            ax.fill_between(shots, mean - std, mean + std, alpha=0.15)
+    ax.set(xscale="log", xlabel="shots per class", ylabel="test top-1 (%)",
+           title="few-shot accuracy (mean ± std over seeds)")
+    ax.set_xticks([1, 2, 4, 8, 16], ["1", "2", "4", "8", "16"])
+    ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    fig.tight_layout(), fig.savefig(path, dpi=120)
+
+
+def write_table(out, results, records, rows, cfg, methods, backbone_name, backbone_hash, backbone_params):
+    """Print the table of this command's runs, save it as summary.md (and the plot with --plot)."""
+    table = summarize(records, rows, backbone_params)
+    if failed := sum(r["status"] != "ok" for r in records):
+        print(f"{failed} runs failed (their lines in {results} say why); the table leaves them out", file=sys.stderr)
+    print(table)
+    if cfg.weights is None and not {"linear", "vpt"} <= set(methods):  # the main job: what to put beside it
+        print(f"How to read it: PVP's claim is against the same prompts started at random and the linear probe; "
+              f"run them on the same tasks with: python fewshot.py --method linear,vpt,{cfg.method} --shots "
+              f"{cfg.shots} --seeds {cfg.seeds} (docs/results.md has every method at 1-16 shots)")
+    try:
+        (out / "summary.md").write_text(f"{cfg.data}, backbone {backbone_name} (weights {backbone_hash})\n\n{table}\n")
+        print(f"saved: {results}, {out / 'summary.md'}")
+        if cfg.plot:
+            plot(records, rows, out / "accuracy_vs_shots.png")
+            print(f"saved: {out / 'accuracy_vs_shots.png'}")
+    except OSError as e:
+        raise UsageError(f"cannot write {e.filename or out}: {e.strerror or e}. Every run is kept in {results}; free "
+                         f"some space and run the same command again to write the table") from None
