@@ -41,6 +41,7 @@ import itertools
 import json
 import math
 import os
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ PROTOCOLS = {  # name: (resize, side at img_size 224, interpolation, train augme
     "fgvc": ("shorter", 256, BILINEAR, "crop_flip"),  # VPT: Resize(256) -> RandomCrop(224) + flip / CenterCrop
     "vtab": ("square", 224, BICUBIC, "none"),  # NOAH and VPT on VTAB: Resize((224, 224)), no augmentation
     "noah-fewshot": ("square", 256, BICUBIC, "crop_flip")}  # NOAH: Resize((256, 256)) -> CenterCrop(224) for
-# eval; for training we crop + flip, not timm's RandAugment recipe that NOAH trains with.
+# eval; for training we crop + flip, or NOAH's timm RandAugment recipe with --aug randaug (randaug).
 
 class DataError(Exception):
     """A data problem the user can fix; its one message says what is wrong, where, and what to do."""
@@ -210,17 +211,57 @@ def normalize(images, mean, std):
     mean, std = (torch.tensor(v, device=x.device).view(-1, 1, 1) for v in (mean, std))
     return (x - mean) / std
 
+NOAH_AA = "rand-m9-mstd0.5-inc1"  # NOAH's --aa (ZhangYuanhan-AI/NOAH supernet_train_prompt.py:119)
+
 def randaug(images, size, mean, std, reprob=0.0):
-    """NOAH's training transform (timm's create_transform with auto_augment "rand-m9-mstd0.5-inc1", re_prob), per
-    image of a uint8 batch (B, C, H, W) on any device, through torchvision.transforms.v2: RandomResizedCrop(size,
-    scale 0.08-1, bicubic), horizontal flip, RandAugment (2 ops at magnitude 9: torchvision's op set, with no
-    magnitude noise, where timm draws the magnitude around 9 with std 0.5), normalise, then random erasing with
-    probability reprob filled with normal noise (timm's "pixel" mode). Random draws come from the global torch RNG."""
-    from torchvision.transforms import v2
-    crop = v2.Compose([v2.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
-                                            antialias=True), v2.RandomHorizontalFlip(), v2.RandAugment(2, 9)])
-    erase = v2.RandomErasing(p=reprob, value="random") if reprob > 0 else (lambda x: x)
-    return torch.stack([erase(normalize(crop(im), mean, std)) for im in images])  # (B, C, size, size)
+    """NOAH's training transform, by the library that defines it: timm's create_transform(size, is_training=True,
+    auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", re_prob=reprob, re_mode="pixel", re_count=1) as
+    NOAH calls it (ZhangYuanhan-AI/NOAH lib/datasets.py:214-223, supernet_train_prompt.py:117-137; it pins timm 0.5.4,
+    requirements.txt:2), per image of a uint8 batch (B, C, H, W) on any device -> normalised float (B, C, size, size)
+    on that device. In order (timm 0.5.4 timm/data/transforms_factory.py:69-122, auto_augment.py:315-353, 583-653):
+      RandomResizedCrop(size, area 0.08-1, aspect 3/4-4/3, bicubic); horizontal flip with probability 1/2;
+      RandAugment: 2 ops drawn with replacement from the 15 "increasing" ops (Invert included), each applied with
+        probability 1/2 at a magnitude drawn per applied op from N(9, 0.5), clipped to [0, 10] (at 9: rotate 27
+        degrees, shear 0.27, translate 40.5% of the side, posterize to 1 bit, solarize above 26, enhance x1.81 or
+        x0.19), affine ops bicubic with the mean pixel as fill (round(255 * mean): 124, 116, 104 under ImageNet's);
+        no colour jitter (timm drops it under RandAugment);
+      ToTensor, Normalize(mean, std); RandomErasing with probability reprob: 2-33% of the area, aspect 0.3-3.3,
+        per-pixel normal noise.
+    The installed timm builds the same transform for this string (huggingface/pytorch-image-models v1.0.31
+    timm/data/transforms_factory.py:182-199, timm/data/auto_augment.py:380-394, 641-658, 742-752, 790-841).
+    timm is imported here only, when a run asks for this transform. It draws from python's `random` and numpy's
+    global RNG: both are seeded from the global torch RNG on each call and restored after it, so the result is a
+    function of the torch seed the caller sets (fewshot seeds it per epoch), and other users of those RNGs see no
+    change. The crop is taken from the image as stored (a square under the crop_flip protocols)."""
+    import random
+    transform, pixels = _noah_transform(size, tuple(mean), tuple(std), float(reprob)), images.cpu()
+    saved, seed = (random.getstate(), np.random.get_state()), int(torch.randint(2**31 - 1, ()))
+    random.seed(seed), np.random.seed(seed)
+    try:
+        out = [transform(Image.fromarray(im.permute(1, 2, 0).numpy())) for im in pixels]  # each (C, size, size)
+    finally:
+        random.setstate(saved[0]), np.random.set_state(saved[1])
+    return torch.stack(out).to(images.device)  # (B, C, size, size)
+
+@lru_cache(maxsize=8)
+def _noah_transform(size, mean, std, reprob):
+    """timm's PIL -> tensor train transform for randaug (a Compose: crop, flip, RandAugment, ToTensor, Normalize,
+    RandomErasing when reprob > 0)."""
+    try:
+        from timm.data import create_transform
+    except ImportError:
+        raise DataError("--aug randaug is timm's transform, and timm is not installed: pip install -r requirements.txt"
+                        ", or choose another --aug") from None
+    transform = create_transform(size, is_training=True, color_jitter=0.4, auto_augment=NOAH_AA,
+                                 interpolation="bicubic", mean=mean, std=std, re_prob=reprob, re_mode="pixel",
+                                 re_count=1)
+    for op in next(t for t in transform.transforms if hasattr(t, "ops")).ops:
+        if op.name == "PosterizeIncreasing":  # m clipped at 10 (2.3% of its draws) keeps 0 bits: a black image
+            op.aug_fn = _posterize  # in the Pillow of timm 0.5.4's day; Pillow 13's posterize refuses 0 bits
+    return transform
+
+def _posterize(img, bits, **_):  # timm 0.5.4 auto_augment.py:151-154 on PIL's lookup table, for 0 to 8 bits
+    return img if bits >= 8 else img.point([i & ~(2 ** (8 - bits) - 1) for i in range(256)] * len(img.getbands()))
 
 def augment(images, how="none", generator=None, size=None):
     """The random part of a train transform, on a batch (B, C, H, W) on any device: "crop_flip" takes a random
@@ -824,6 +865,88 @@ def _say(line):  # once per process: a sweep loads the same splits for every sho
     if line not in _SAID:
         _SAID.add(line)
         tqdm.write(line)
+
+def _need(ok, message):
+    if not ok:
+        raise DataError(message)
+
+
+def check_flags(dataset, data_root, download, vtab_task, shots):
+    """--data a known name, and the flags that go with it (--data-root, --download, --vtab-task): one DataError."""
+    name, _, sub = dataset.partition(":")
+    _need(name in DATASETS, f"unknown dataset {name!r} (--data): choose one of {', '.join(DATASETS)}")
+    _need(name != "synthetic" or not sub or sub in SYNTHETIC_TASKS, f"unknown synthetic task {sub!r} (--data "
+          f"synthetic:<task>): choose one of {', '.join(SYNTHETIC_TASKS)}, or --data synthetic for all")
+    _need(name != "synthetic" or data_root is None, f"--data-root is for data on disk; the embedded --data "
+          f"{dataset} has none: drop it")
+    _need(not download or name in TORCHVISION, f"--download fetches {', '.join(TORCHVISION)} through "
+          f"torchvision, not --data {dataset}: drop it")
+    _need(vtab_task is None or name == "vtab1k", f"--vtab-task is for --data vtab1k, not --data {dataset}: drop it")
+    if name != "synthetic":
+        _need(data_root is not None, f"--data {name} reads from disk: give its root (--data-root), laid out as "
+              f"{LAYOUTS[name]}")
+        _need(download or Path(data_root).is_dir(), f"--data-root {data_root} does not exist (or is not a "
+              f"folder): give the folder that holds {LAYOUTS[name]}")
+    task = vtab_task or sub
+    _need(name != "vtab1k" or task in VTAB_TASKS, (f"--vtab-task {task!r} is not a VTAB-1k task folder: choose"
+          if task else "--data vtab1k needs --vtab-task <folder>,") + f" one of {', '.join(VTAB_TASKS)}")
+    _need(name != "noah-fewshot" or None not in shots, "--data noah-fewshot reads the list file of each shots and "
+          "seed: give --shots from 1,2,4,8,16, not all")
+
+
+GPU_KEPT = {}  # id of a kept split's images -> (that tensor, its copy on the GPU): made once per process
+
+
+def on_device(split, device, share=0.25):
+    """A split kept in memory, copied to the GPU once per process when it takes at most `share` of the free memory
+    there (every run of a sweep then evaluates it without a copy); else, or off CUDA, or streamed, as it is."""
+    if device.type != "cuda" or not isinstance(split, Split) or split.images.device.type == "cuda":
+        return split
+    key = id(split.images)
+    if key not in GPU_KEPT and split.images.nbytes <= share * torch.cuda.mem_get_info(device)[0]:
+        GPU_KEPT[key] = split.images, Split(split.images.to(device), split.labels.to(device))
+    return GPU_KEPT[key][1] if key in GPU_KEPT else split
+
+
+WAIT_WINDOW = 50  # steps over which the bar's images/s and data wait are measured
+
+
+class Progress:
+    """What the training bar shows beside the loss, over the last WAIT_WINDOW steps: images/s (over all ranks) and
+    `wait`, the fraction of the time the loop waited for its next batch; once, a warning when a split read from disk
+    kept the loop waiting more than half the time (the loader, not the model, sets the pace)."""
+
+    def __init__(self, split, world, rank):
+        self.split, self.world, self.rank, self.warned = split, world, rank, False
+        self.start, self.waited, self.images, self.steps = time.perf_counter(), 0.0, 0, 0
+
+    def timed(self, batches):
+        """The batches, timing how long each next() took."""
+        it = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            self.waited += time.perf_counter() - t0
+            yield item
+
+    def step(self, images):
+        """Count a step of `images` images; the figures to show, over the window so far."""
+        self.images, self.steps = self.images + images, self.steps + 1
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        wait = self.waited / seconds
+        shown = {"img/s": f"{self.images * self.world / seconds:,.0f}", "wait": f"{wait:.0%}"}
+        if self.steps == WAIT_WINDOW:  # the window is full: judge it, and start the next
+            if wait > 0.5 and isinstance(self.split, Stream) and self.rank == 0 and not self.warned:
+                self.warned = True
+                tqdm.write(f"warning: the loader is the bottleneck: the last {self.steps} steps waited for data "
+                           f"{wait:.0%} of the time, with {self.split.workers} loader workers; give it more "
+                           "(--workers), or keep the split in memory (--cache-gb) if it fits")
+            self.start, self.waited, self.images, self.steps = time.perf_counter(), 0.0, 0, 0
+        return shown
+
 
 def max_gb():
     """NANOPETL_MAX_GB (default 8, inf for no limit): the GB of decoded uint8 images load_task keeps in memory when

@@ -20,6 +20,8 @@ Trained: visual prompts `prompts` (depth, P, dim); key-value prompts `kv_prompts
 one tensor for K and V (shared_kv=False: `key_prompts` and `value_prompts`); a new linear head.
     trainable = depth*P*dim + depth*T*dim (x2 when not shared) + (dim+1)*classes
     ViT-B/16, P=10, T=5: 92,160 + 46,080 = 138,240 (0.16% of 85.8M), plus the head
+P=0: key-value prompts alone (an ablation of the paper); importance, prune and rewind then have no visual prompt
+to act on: scores and counts are empty, and rewind resets the key-value prompts.
 run: python fewshot.py --method e2vpt --shots 16     (python e2vpt.py: parameter counts and a tiny forward)
 """
 import math
@@ -46,8 +48,8 @@ class E2VPT(nn.Module):
     def __init__(self, vit, *, num_classes, num_prompts=10, num_kv_prompts=5, segments=16, shared_kv=True,
                  dropout=0.1):
         super().__init__()
-        if segments < 1 or vit.dim % segments or num_prompts < 1 or num_kv_prompts < 0:
-            raise ValueError(f"E2VPT needs num_prompts >= 1, num_kv_prompts >= 0 and segments dividing dim {vit.dim}; "
+        if segments < 1 or vit.dim % segments or num_prompts < 0 or num_kv_prompts < 0:
+            raise ValueError(f"E2VPT needs num_prompts >= 0, num_kv_prompts >= 0 and segments dividing dim {vit.dim}; "
                              f"got {num_prompts}, {num_kv_prompts}, segments={segments}")
         self.config = dict(num_prompts=num_prompts, num_kv_prompts=num_kv_prompts, segments=segments,
                            shared_kv=shared_kv, dropout=dropout)
@@ -130,6 +132,9 @@ class E2VPT(nn.Module):
         row is dropped at the next layer (~1e-4 against ~0.1: python tests/bench_token_scores.py)."""
         masks, was_training = (self.token_mask, self.segment_mask), self.training
         totals, n = [torch.zeros_like(m) for m in masks], 0
+        if not len(self.token_mask):  # key-value prompts alone: no visual prompt to score, no pass over the data
+            self.scores = {"token": totals[0], "segment": totals[1]}
+            return self.scores
         self.eval()
         try:
             with torch.enable_grad():
@@ -155,7 +160,7 @@ class E2VPT(nn.Module):
         """Prune floor(token_frac*P) tokens, lowest scores first, then in every token the floor(segment_frac*R)
         lowest-scoring segments (the same count per token, as the code). At least one token and max(1, R//4)
         segments per token are kept. Masks only go 1 -> 0: pruned entries count first, so the fractions are
-        totals. The pruned prompt entries are set to 0. Returns the counts that remain."""
+        totals. The pruned prompt entries are set to 0. Returns the counts that remain (all 0 when P = 0)."""
         scores = self.scores if scores is None else scores
         P, R = self.segment_mask.shape
         if scores is None or scores["token"].shape != (P,) or scores["segment"].shape != (P, R):
@@ -197,7 +202,8 @@ class E2VPT(nn.Module):
     @staticmethod
     def trainable_count(vit, num_classes, *, num_prompts, num_kv_prompts, segments, shared_kv, dropout):
         """The formula of the docstring: depth*P*dim + depth*T*dim (x2 when not shared) + (dim+1)*classes."""
-        return len(vit.blocks) * vit.dim * (num_prompts + num_kv_prompts * (2 - shared_kv)) + (vit.dim + 1) * num_classes
+        prompts = num_prompts + num_kv_prompts * (2 - shared_kv)  # visual, and K/V (one tensor when shared)
+        return len(vit.blocks) * vit.dim * prompts + (vit.dim + 1) * num_classes
 
     def loaded(self):
         """After the generic load (plumbing.load_module_state_dict): the loaded prompts are the rewind point (PVP's

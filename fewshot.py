@@ -3,32 +3,26 @@ Few-shot evaluation of PETuning methods: methods x datasets x shots x seeds, one
 
     python fewshot.py --method pvp --shots 1                # the main job: offline, on the embedded world
     python fewshot.py --method all --plot                   # every method, shots 1..16, seeds 0..2, and the figure
-    python fewshot.py --weights vit_b16_in21k --data noah-fewshot --data-root data/oxford-flowers102 --method vpt
     python fewshot.py --weights vit_b16_in21k --data vtab1k --data-root data/vtab-1k --vtab-task dtd --shots all \
         --recipe vpt --method vpt                       # VPT's protocol: lr x wd on train800 -> val200
-    python fewshot.py --method vpt,lora --opt dropout=0.0   # a method's own constructor options, by name
     torchrun --nproc_per_node=8 fewshot.py ...              # a sweep over 8 GPUs: each rank takes every 8th run
-With no --weights the embedded backbone is used, and `pvp` with no --pvp-init the embedded PVP prompts, which are
-pre-trained first (by running pvp_pretrain.py) when missing and cached under checkpoints/.
+With no --weights the embedded backbone is used, and `pvp` with no --pvp-init the embedded PVP prompts (pre-trained
+by pvp_pretrain.py when missing, cached under checkpoints/).
 
 Read it in run order: the protocol (Config, RECIPES) -> the methods (METHODS) -> the training loop (train) ->
 evaluation -> one run (fit, run_one, search) -> the sweep -> main. The default protocol (recipe nanopetl) is NOAH's
-few-shot recipe (ZhangYuanhan-AI/NOAH, configs/*/few-shot/*.sh): AdamW, lr 5e-3 with no batch scaling, wd 1e-4, batch
-64, 100 epochs, 10 warmup then cosine, without its RandAugment, mixup and cutmix (the crop + flip of the data's
-protocol instead); --recipe noah|vpt|e2vpt sets a paper's whole protocol. One recipe for every method, except `full`
-(lr x 0.1) and `linear`, whose head trains on the frozen features of the centre-cropped support set. Runs report the
-last step: test never selects anything; val is saved for choosing hyper-parameters.
-
-Output in --out: results.jsonl (one line per run, appended as it finishes), summary.md, and with --plot
-accuracy_vs_shots.png. A line's key covers everything that makes its numbers (run_identity): a re-run of the same
-command skips what is done. Checks, files and keys live in plumbing.py; nothing there is a paper's idea.
+few-shot recipe (ZhangYuanhan-AI/NOAH, configs/*/few-shot/*.sh): AdamW, lr 5e-3, wd 1e-4, batch 64, 100 epochs, 10
+warmup then cosine, with the data's crop + flip instead of its RandAugment, mixup and cutmix. `full` trains at lr x
+0.1; `linear` trains its head on the frozen features of the centre-cropped support set. Runs report the last step:
+test never selects anything. Output in --out: results.jsonl (a line per run, keyed by everything that makes its
+numbers: a re-run skips what is done), summary.md, accuracy_vs_shots.png with --plot. Checks, files and keys live in
+plumbing.py; nothing there is a paper's idea.
 """
 import copy
 import dataclasses
 import functools
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,10 +70,8 @@ class Config:
     optimizer: str = flag("adamw", "adamw (NOAH) or sgd (VPT: momentum 0.9)", choices=("adamw", "sgd"))
     lr: float = flag(5e-3, "base learning rate", ok=lambda v, c: 0 < v <= plumbing.LR_MAX,
                      what=f"a positive number, at most {plumbing.LR_MAX:g}")
-    grid: bool = flag(False, "choose lr x wd on val first (vtab1k: train800 -> val200), then run the choice on every "
-                             "seed")
-    grid_lr: str = flag("50,25,10,5,2.5,1,0.5,0.25,0.1,0.05", "--grid's learning rates (VPT's, for --optimizer sgd "
-                                                               "--lr-scale)")
+    grid: bool = flag(False, "choose lr x wd on val first (vtab1k: train800 -> val200), then run it on every seed")
+    grid_lr: str = flag("50,25,10,5,2.5,1,0.5,0.25,0.1,0.05", "--grid's learning rates (VPT's)")
     grid_wd: str = flag("0.01,0.001,0.0001,0", "--grid's weight decays (VPT's)")
     lr_scale: bool = flag(False, "multiply lr by batch/256 (VPT's rule)")
     wd: float = flag(1e-4, "weight decay (none on biases and norms)", ok=lambda v, c: v >= 0 and math.isfinite(v),
@@ -96,7 +88,8 @@ class Config:
     img_size: int = flag(None, "input side; default: the backbone's", ok=lambda v, c: 1 <= v <= plumbing.MAX_IMG,
                          what=f"from 1 to {plumbing.MAX_IMG}")
     head_init: str = flag("zero", "zero; prototype: the support set's normalised class means; trunc_normal (std "
-                                  "0.02, NOAH); kaiming (VPT)", choices=("zero", "prototype", "trunc_normal", "kaiming"))
+                                  "0.02, NOAH); kaiming (VPT)", choices=("zero", "prototype", "trunc_normal",
+                                                                         "kaiming"))
     recipe: str = flag("nanopetl", "a paper's whole protocol: nanopetl, noah, vpt, e2vpt (RECIPES); explicit flags "
                                    "override it")
     schedule: str = flag("step", "step (warmup then cosine per step), epoch (VPT: per epoch, epoch 0 at lr 0), timm "
@@ -115,8 +108,7 @@ class Config:
     prune: str = flag("nanopetl", "E2VPT pruning: nanopetl (|grad| scores, the fractions below, rewind to the start), "
                                   "official (signed scores, fractions chosen on val over --prune-grid, fresh rewind), "
                                   "none", choices=("nanopetl", "official", "none"))
-    prune_grid: str = flag("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", "--prune official's fractions, tried for tokens x "
-                                                                  "segments")
+    prune_grid: str = flag("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", "--prune official's fractions (tokens x segments)")
     prompts: int = flag(None, "prompt tokens per layer, num_prompts (vpt, e2vpt; default 10; NOAH: 100)", **AT_LEAST_1)
     kv_prompts: int = flag(None, "E2VPT key-value prompts per layer, num_kv_prompts (default 5)",
                            ok=lambda v, c: v >= 0, what="at least 0")
@@ -137,8 +129,7 @@ class Config:
     plot: bool = flag(False, "write accuracy_vs_shots.png")
 
 
-# The embedded world's departures from NOAH, chosen on its val pools (seed 0, shots 1 and 16, linear/vpt/lora): lr
-# 5e-3 beat 1e-3 and 2e-2, and 100 steps beat 50 and tied 200 (docs/results.md, "How the defaults were chosen").
+# The embedded world's departures from NOAH, chosen on its val pools (docs/results.md: how the defaults were chosen)
 EMBEDDED = dict(max_steps=100, norm="inception")
 # what trains a run: in every line's protocol and key (img_size, norm and aug are added as resolved per task)
 PROTOCOL = ("optimizer", "lr", "lr_scale", "wd", "epochs", "max_steps", "warmup", "batch", "head_init", "amp", "grid",
@@ -148,13 +139,13 @@ PRUNING = ("prune", "prune_tokens", "prune_segments", "prune_grid")  # in the ke
 
 # The papers' protocols. Each value: (value, where the official code sets it). `options` are methods' constructor
 # options. Explicit flags override; whatever is not named keeps Config's default (nanopetl's).
-NOAH = "ZhangYuanhan-AI/NOAH "  # few-shot: configs/{VPT,LoRA}/few-shot/slurm_train_*_few-shot.sh -> supernet_train_prompt.py
+NOAH = "ZhangYuanhan-AI/NOAH "  # configs/{VPT,LoRA}/few-shot/slurm_train_*_few-shot.sh -> supernet_train_prompt.py
 VPT = "KMnP/vpt "
 E2VPT = "ChengHan111/E2VPT "
 VPT_SOLVER = {  # KMnP/vpt's training, which ChengHan111/E2VPT (a fork) keeps
     "optimizer": ("sgd", VPT + "configs/base-prompt.yaml:14 (momentum 0.9, src/configs/config.py:91)"),
     "lr_scale": (True, VPT + "tune_fgvc.py:31 (lr / 256 * batch)"),
-    "grid": (True, VPT + "tune_fgvc.py:72-90 (lr x wd, chosen on val)"),
+    "grid": (True, VPT + "tune_vtab.py:245-251 (lr x wd), 48-78 (val at the last epoch, ties to the smaller lr)"),
     "wd": (1e-4, VPT + "configs/base-prompt.yaml:16"),
     "batch": (128, VPT + "configs/base-prompt.yaml:25"),
     "epochs": (100, VPT + "configs/base-prompt.yaml:19"),
@@ -178,24 +169,25 @@ RECIPES = {
         "label_smoothing": (0.1, NOAH + "supernet_train_prompt.py:122 (--smoothing)"),
         "mixup": (0.8, NOAH + "supernet_train_prompt.py:143,294 (--mixup, timm Mixup, switch prob 0.5 at :151)"),
         "cutmix": (1.0, NOAH + "supernet_train_prompt.py:145 (--cutmix)"),
-        "aug": ("randaug", NOAH + "lib/datasets.py:214 (timm create_transform, --aa rand-m9-mstd0.5-inc1 at "
-                                  "supernet_train_prompt.py:119, RandomResizedCrop scale 0.08-1, flip)"),
+        "aug": ("randaug", NOAH + "lib/datasets.py:214-223 (timm 0.5.4's create_transform: --aa rand-m9-mstd0.5-inc1 "
+                                  "at supernet_train_prompt.py:119, bicubic :123; RandomResizedCrop 0.08-1, flip)"),
         "reprob": (0.25, NOAH + "supernet_train_prompt.py:133 (--reprob)"),
         "drop_path": (0.1, NOAH + "supernet_train_prompt.py:59,305 (--drop-path; the model trains in train mode, "
                                   "supernet_engine_prompt.py:57)"),
         "drop_last": (True, NOAH + "supernet_train_prompt.py:280"),
         "head_init": ("trunc_normal", NOAH + "model/supernet_vision_transformer_timm.py:686 (_init_vit_weights)"),
-        "options": ({"vpt": dict(dropout=0.1), "lora": dict(targets=["qkv"], dropout=0.1, alpha=None)},
-                    NOAH + "supernet_train_prompt.py:207-208 (prompt and LoRA dropout 0.1); "
-                           "model/supernet_vision_transformer_timm.py:224-228,277-281 (one A, one B over the fused "
-                           "qkv, no scaling)")},
+        "options": ({"vpt": dict(dropout=0.1, init="xavier"), "lora": dict(targets=["qkv"], dropout=0.1, alpha=None)},
+                    NOAH + "supernet_train_prompt.py:207-208 (prompt and LoRA dropout 0.1); model/supernet_vision_"
+                           "transformer_timm.py:316-319 (prompts xavier_uniform_ per block), 224-228,277-281 (one A, "
+                           "one B over the fused qkv, no scaling)")},
     "vpt": {**VPT_SOLVER,
             "options": ({"vpt": dict(dropout=0.0)}, VPT + "src/configs/config.py:74 (PROMPT.DROPOUT 0.0)")},
     "e2vpt": {**VPT_SOLVER,  # a fork of KMnP/vpt: its solver, E2VPT's batch, prompt settings and pruning
               "batch": (64, E2VPT + "configs/base-prompt.yaml:25"),
               "prune": ("official", E2VPT + "src/configs/config.py:192-202 (mask percents 10-90, at least 1 token "
                                             "and 4 pieces), src/engine/trainer.py:359-470 (signed gradient scores)"),
-              "options": ({"e2vpt": dict(dropout=0.0)}, E2VPT + "src/configs/config.py:185 (P_VK.DROPOUT 0.0)")},
+              "options": ({"e2vpt": dict(dropout=0.1)}, E2VPT + "command.txt:63-119 (DROPOUT_P 0.1, the visual "
+                                                                 "prompts' dropout of src/configs/config.py:180)")},
 }
 
 
@@ -291,13 +283,10 @@ def build(name, vit, num_classes, cfg):
 
 def batches(split, task, device, batch, *, train, generator=None, rank=0, world=1, skip=0, state=None, drop_last=False,
             reprob=0.0):
-    """Normalised image batches on `device`: augmented when training (task.train_aug), centre-cropped otherwise. The
-    order (drawn from `generator` when training) is padded with its own head to a multiple of `world` and rank takes
-    every world-th index, as torch's DistributedSampler does: the shards are disjoint (but for at most world-1
-    repeats), cover the split, and are equally long, so every rank takes as many steps. skip: start at this rank's
-    batch `skip`; state: `generator`'s state after it (a resumed epoch); drop_last: no incomplete last batch. A
-    data.Stream is read by its loader workers (pinned on CUDA); a split of float features (the linear probe's) is
-    batched as it is. Under --aug randaug each image is transformed alone (data.randaug, with reprob)."""
+    """Normalised image batches on `device`: augmented when training (task.train_aug), centre-cropped otherwise. Rank
+    takes every world-th index of the order, padded to a multiple of world (as torch's DistributedSampler). skip,
+    state: start at this rank's batch `skip`, `generator` in `state` (a resumed epoch). A data.Stream is read by its
+    loader workers; a split of float features (the linear probe's) is batched as it is."""
     n = len(split)
     order = torch.randperm(n, generator=generator) if train else torch.arange(n)
     order = torch.cat([order, order[:-n % world]])[rank::world]  # (ceil(n / world),)
@@ -336,8 +325,7 @@ def learning_rate(cfg, base, t, epoch, total, epochs):
 
 
 def mixer(cfg, num_classes):
-    """MixUp and/or CutMix on a batch (soft targets), one of them per batch when both are on (timm's Mixup with
-    switch prob 0.5, as NOAH), or None."""
+    """MixUp and/or CutMix (soft targets), one of them per batch when both are on (NOAH: timm's, switch prob 0.5)."""
     if not (cfg.mixup or cfg.cutmix):
         return None
     from torchvision.transforms import v2  # here: its import costs over a second, and most runs mix nothing
@@ -360,7 +348,8 @@ def train(model, split, task, cfg, device, *, seed, lr=None, desc="train", start
     groups = [dict(params=[p for p in params if p.ndim > 1], weight_decay=cfg.wd),
               dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)]  # no decay on biases (VPT)
     lr = (lr or cfg.lr) * (min(cfg.batch, len(split)) / 256 if cfg.lr_scale else 1)
-    opt = torch.optim.AdamW(groups, lr=lr) if cfg.optimizer == "adamw" else torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    opt = (torch.optim.AdamW(groups, lr=lr) if cfg.optimizer == "adamw" else
+           torch.optim.SGD(groups, lr=lr, momentum=0.9))
     if opt_state:
         opt.load_state_dict(opt_state)
     batch = min(cfg.batch, len(split))
@@ -372,7 +361,7 @@ def train(model, split, task, cfg, device, *, seed, lr=None, desc="train", start
     restore = drop_path_on(model, cfg.drop_path)
     t = start["step"] if start else 0  # the step; not the bar's count, which stays 0 under TQDM_DISABLE=1
     bar = tqdm(total=total, initial=t, desc=desc, leave=False, dynamic_ncols=True)
-    progress = plumbing.Progress(split, world, rank)
+    progress = data.Progress(split, world, rank)
     for epoch in range(start["epoch"] if start else 0, epochs):
         torch.manual_seed(seed * 100_003 + epoch)  # dropout draws
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)  # order and augmentation
@@ -469,7 +458,6 @@ def init_head(model, split, task, device, how):
 
 def count(params):
     return sum(p.numel() for p in params)
-
 # -----------------------------------------------------------------------------
 # one run: fit, evaluate, and --grid's search
 
@@ -482,8 +470,8 @@ def run_one(name, task, backbone, cfg, device, seed, test=True):
 
 
 def fit(name, task, backbone, cfg, device, seed):
-    """(the trained model ready for inference, {trainable, config, ...}): a fresh copy of `backbone` wrapped by the
-    method. The recipe follows what the module can do, so `pvp` follows its module's: pruning (E2VPT), merging (LoRA)."""
+    """(the trained model, {trainable, config, ...}): a fresh copy of `backbone` wrapped by the method. `pvp` follows
+    its module's recipe: pruning (E2VPT), merging (LoRA)."""
     torch.manual_seed(seed)
     model = build(name, copy.deepcopy(backbone), task.num_classes, cfg).to(device)
     lr = cfg.lr * LR_FACTOR.get(name, 1.0)
@@ -494,7 +482,7 @@ def fit(name, task, backbone, cfg, device, seed):
               desc=f"{name} {task.name}")
     else:
         train(model, task.train, task, cfg, device, seed=seed, lr=lr, desc=f"{name} {task.name}")
-    if prunes(model) and cfg.prune != "none":  # E2VPT Sec. 3.3: train, score, prune, rewind, train again
+    if prunes(model) and cfg.prune != "none" and model.config["num_prompts"]:  # E2VPT Sec. 3.3 (visual prompts)
         model, out["pruned"], out["prune_grid"] = prune_and_retrain(name, model, task, cfg, device, seed, lr)
     if hasattr(model, "merge"):  # LoRA: fold B·A into the frozen weights, zero-overhead inference
         model.merge()
@@ -526,7 +514,7 @@ def prune_and_retrain(name, model, task, cfg, device, seed, lr):
     return best[0], best[1], grid or None
 
 
-def prunes(model_or_class):
+def prunes(model_or_class):  # E2VPT's hooks: train, score, prune, rewind, train again
     return all(hasattr(model_or_class, a) for a in ("importance", "prune", "rewind"))
 
 
@@ -584,8 +572,8 @@ def one(record, m, task, k, s, cfg, backbone, device, chosen):
 
 
 def sweep(cfg, plan, methods, configs, module, backbone, backbone_name, device, rank, world):
-    """Run every planned run not yet in --out's results.jsonl, and append its line as it finishes. Two sweeps on one
-    --out split the runs (a claim each); --shard i/n and torchrun ranks take every n-th. Returns the planned keys."""
+    """Run every planned run not in --out's results.jsonl yet; append its line as it finishes. Sweeps on one --out split
+    the runs (a claim each); --shard i/n and ranks take every n-th. Returns the planned keys."""
     out, backbone_params, backbone_hash = Path(cfg.out), count(backbone.parameters()), plumbing.weights_hash(backbone)
     results = out / "results.jsonl"
     done = plumbing.finished(results, warn=rank == 0)
@@ -599,7 +587,7 @@ def sweep(cfg, plan, methods, configs, module, backbone, backbone_name, device, 
                                workers=cfg.workers)
         for task in tasks:
             task.train_aug = cfg.aug or task.train_aug
-            task.val, task.test = plumbing.on_device(task.val, device), plumbing.on_device(task.test, device)
+            task.val, task.test = data.on_device(task.val, device), data.on_device(task.test, device)
             for m in methods:
                 identity = run_identity(m, task, cfg, backbone_hash, module if m == "pvp" else configs[m])
                 key, n = plumbing.run_key(identity), n + 1
@@ -614,13 +602,7 @@ def sweep(cfg, plan, methods, configs, module, backbone, backbone_name, device, 
                     continue
                 bar.set_description(f"{m} {task.name} {k or 'all'}-shot seed {s}")
                 t0 = time.time()
-                record = dict(key=key, method=m, row=plumbing.label(m, identity["options"]), dataset=task.name,
-                              shots=k or "all", seed=s, identity=identity, backbone=backbone_name, weights=cfg.weights,
-                              pvp_init=cfg.pvp_init if m == "pvp" else None, protocol=identity["protocol"],
-                              recipe=cfg.recipe, mean=task.mean, std=task.std, train_aug=task.train_aug,
-                              sizes=dict(train=len(task.train), val=len(task.val), test=len(task.test)),
-                              num_classes=task.num_classes, backbone_params=backbone_params, compiled=cfg.compile,
-                              device=str(device))
+                record = plumbing.record(key, m, identity, task, k, s, cfg, backbone_name, backbone_params, device)
                 one(record, m, task, k, s, cfg, backbone, device, chosen)
                 record["seconds"] = round(time.time() - t0, 2)
                 plumbing.append(results, record)
@@ -647,27 +629,22 @@ def main(argv=None):
           f"{' (torch.compile)' * cfg.compile}\nprotocol (recipe {cfg.recipe}): "
           f"{json.dumps({k: getattr(cfg, k) for k in PROTOCOL})}\noptions: " +
           "; ".join(f"{m} {json.dumps(module if m == 'pvp' else method_options(m, cfg))}" for m in methods))
-    results = Path(cfg.out) / "results.jsonl"
     try:
         planned = sweep(cfg, [(k, s) for k in shots for s in seeds], methods, configs, module, backbone,
                         backbone_name, device, rank, world)
     except KeyboardInterrupt:
-        plumbing.say(f"\ninterrupted: every finished run is in {results}; run the same command again to go on")
+        plumbing.say(f"\ninterrupted: every finished run is in {Path(cfg.out) / 'results.jsonl'}; run the same "
+                     "command again to go on")
         return 130
     if world > 1:  # rank 0 waits for every rank, then reads the merged file and writes the table once
         dist.barrier()
         if rank != 0:
             return 0
-    done = plumbing.finished(results)  # with what other ranks, or another sweep on this --out, wrote
-    shards = int((cfg.shard or "0/1").split("/")[1])
-    plumbing.say_missing([key for key in planned if key not in done], planned, results, shards)
-    records = [done[key] for key in dict.fromkeys(planned) if key in done]  # this command's runs, nothing else
-    rows = list(dict.fromkeys(r["row"] for r in records))
-    plumbing.write_table(Path(cfg.out), results, records, rows, cfg, methods, backbone_name, backbone_hash, backbone_params)
+    plumbing.write_table(cfg, methods, planned, backbone_name, backbone_hash, backbone_params)
     return 0
 
 
 if __name__ == "__main__":
     results = Path(parse().out) / "results.jsonl"  # for the messages below (a flag argparse cannot read exits here)
-    plumbing.run_script(main, lambda: f"interrupted: every run finished so far is in {results}; run the same command "
-                        "again to go on", lambda: f"The runs finished before it are kept in {results}")
+    plumbing.run_script(main, lambda: f"interrupted: every run finished so far is in {results}; run the same "
+                        "command again to go on", lambda: f"The runs finished before it are kept in {results}")

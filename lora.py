@@ -86,8 +86,9 @@ class LoRALinear(nn.Module):
 class LoRA(nn.Module):
     """LoRA on a frozen `vit.ViT`, which it freezes and wraps in place (see the module docstring for key names).
 
-    targets: a subset of {"q", "k", "v", "proj"}; alpha defaults to rank (scale 1). The head is nn.Linear(dim, num_classes) initialised to zeros
-    (weight and bias): the runner sets its own initialisation (fewshot.py --head-init). The ViT's head is unused."""
+    targets: a subset of {"q", "k", "v", "proj"}, or "qkv"; alpha defaults to rank (scale 1). The head is
+    nn.Linear(dim, num_classes) initialised to zeros (weight and bias): the runner sets its own initialisation
+    (fewshot.py --head-init). The ViT's head is unused."""
 
     name = "lora"
     TARGETS = ("q", "k", "v", "proj", "qkv")

@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -281,59 +280,6 @@ def set_rng_state(states, device):
     if torch.device(device).type == "cuda" and len(states) > 1:
         torch.cuda.set_rng_state(states[1], device)
 
-
-GPU_KEPT = {}  # id of a kept split's images -> (that tensor, its copy on the GPU): made once per process
-
-
-def on_device(split, device, share=0.25):
-    """A split kept in memory, copied to the GPU once per process when it takes at most `share` of the free memory
-    there (every run of a sweep then evaluates it without a copy); else, or off CUDA, or streamed, as it is."""
-    if device.type != "cuda" or not isinstance(split, data.Split) or split.images.device.type == "cuda":
-        return split
-    key = id(split.images)
-    if key not in GPU_KEPT and split.images.nbytes <= share * torch.cuda.mem_get_info(device)[0]:
-        GPU_KEPT[key] = split.images, data.Split(split.images.to(device), split.labels.to(device))
-    return GPU_KEPT[key][1] if key in GPU_KEPT else split
-
-
-WAIT_WINDOW = 50  # steps over which the bar's images/s and data wait are measured
-
-
-class Progress:
-    """What the training bar shows beside the loss, over the last WAIT_WINDOW steps: images/s (over all ranks) and
-    `wait`, the fraction of the time the loop waited for its next batch; once, a warning when a split read from disk
-    kept the loop waiting more than half the time (the loader, not the model, sets the pace)."""
-
-    def __init__(self, split, world, rank):
-        self.split, self.world, self.rank, self.warned = split, world, rank, False
-        self.start, self.waited, self.images, self.steps = time.perf_counter(), 0.0, 0, 0
-
-    def timed(self, batches):
-        """The batches, timing how long each next() took."""
-        it = iter(batches)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                item = next(it)
-            except StopIteration:
-                return
-            self.waited += time.perf_counter() - t0
-            yield item
-
-    def step(self, images):
-        """Count a step of `images` images; the figures to show, over the window so far."""
-        self.images, self.steps = self.images + images, self.steps + 1
-        seconds = max(time.perf_counter() - self.start, 1e-9)
-        wait = self.waited / seconds
-        shown = {"img/s": f"{self.images * self.world / seconds:,.0f}", "wait": f"{wait:.0%}"}
-        if self.steps == WAIT_WINDOW:  # the window is full: judge it, and start the next
-            if wait > 0.5 and isinstance(self.split, data.Stream) and self.rank == 0 and not self.warned:
-                self.warned = True
-                tqdm.write(f"warning: the loader is the bottleneck: the last {self.steps} steps waited for data "
-                           f"{wait:.0%} of the time, with {self.split.workers} loader workers; give it more "
-                           "(--workers), or keep the split in memory (--cache-gb) if it fits")
-            self.start, self.waited, self.images, self.steps = time.perf_counter(), 0.0, 0, 0
-        return shown
 
 # -----------------------------------------------------------------------------
 # files: atomic writes, content hashes, the module contract and its checkpoints, resume files, locks
@@ -621,7 +567,7 @@ def check_sweep(cfg, registry, recipes, named, method_options):
     need(cfg.reprob == 0 or cfg.aug == "randaug", "--reprob is random erasing inside --aug randaug: "
          "add --aug randaug, or drop --reprob")
     need(cfg.recipe in recipes, f"--recipe {cfg.recipe}: choose one of {', '.join(recipes)}")
-    check_data(cfg, shots)
+    data.check_flags(cfg.data, cfg.data_root, cfg.download, cfg.vtab_task, shots)
     arch = check_backbone_flags(cfg)
     if cfg.pvp_init and "pvp" not in methods:  # harmless (one flag set for many sweeps), but maybe a slip: say so
         print(f"warning: --pvp-init is where --method pvp starts, and --method {cfg.method} has no pvp: it is ignored",
@@ -638,29 +584,6 @@ def check_sweep(cfg, registry, recipes, named, method_options):
     check_environment()
     check_out_folder(Path(cfg.out))
     return methods, shots, seeds, configs
-
-
-def check_data(cfg, shots):
-    """--data a known name, and the flags that go with it (--data-root, --download, --vtab-task)."""
-    name, _, sub = cfg.data.partition(":")
-    need(name in data.DATASETS, f"unknown dataset {name!r} (--data): choose one of {', '.join(data.DATASETS)}")
-    need(name != "synthetic" or not sub or sub in data.SYNTHETIC_TASKS, f"unknown synthetic task {sub!r} (--data "
-         f"synthetic:<task>): choose one of {', '.join(data.SYNTHETIC_TASKS)}, or --data synthetic for all")
-    need(name != "synthetic" or cfg.data_root is None, f"--data-root is for data on disk; the embedded --data "
-         f"{cfg.data} has none: drop it")
-    need(not cfg.download or name in data.TORCHVISION, f"--download fetches {', '.join(data.TORCHVISION)} through "
-         f"torchvision, not --data {cfg.data}: drop it")
-    need(cfg.vtab_task is None or name == "vtab1k", f"--vtab-task is for --data vtab1k, not --data {cfg.data}: drop it")
-    if name != "synthetic":
-        need(cfg.data_root is not None, f"--data {name} reads from disk: give its root (--data-root), laid out as "
-             f"{data.LAYOUTS[name]}")
-        need(cfg.download or Path(cfg.data_root).is_dir(), f"--data-root {cfg.data_root} does not exist (or is not a "
-             f"folder): give the folder that holds {data.LAYOUTS[name]}")
-    task = cfg.vtab_task or sub
-    need(name != "vtab1k" or task in data.VTAB_TASKS, (f"--vtab-task {task!r} is not a VTAB-1k task folder: choose"
-         if task else "--data vtab1k needs --vtab-task <folder>,") + f" one of {', '.join(data.VTAB_TASKS)}")
-    need(name != "noah-fewshot" or None not in shots, "--data noah-fewshot reads the list file of each shots and seed: "
-         "give --shots from 1,2,4,8,16, not all")
 
 
 def check_out_folder(out):
@@ -855,8 +778,25 @@ def plot(records, rows, path):
     fig.tight_layout(), fig.savefig(path, dpi=120)
 
 
-def write_table(out, results, records, rows, cfg, methods, backbone_name, backbone_hash, backbone_params):
-    """Print the table of this command's runs, save it as summary.md (and the plot with --plot)."""
+def record(key, m, identity, task, k, s, cfg, backbone_name, backbone_params, device):
+    """A results line before its numbers: what ran, on what, how (the numbers and seconds are added after the run)."""
+    return dict(key=key, method=m, row=label(m, identity["options"]), dataset=task.name, shots=k or "all", seed=s,
+                identity=identity, backbone=backbone_name, weights=cfg.weights,
+                pvp_init=cfg.pvp_init if m == "pvp" else None, protocol=identity["protocol"], recipe=cfg.recipe,
+                mean=task.mean, std=task.std, train_aug=task.train_aug,
+                sizes=dict(train=len(task.train), val=len(task.val), test=len(task.test)),
+                num_classes=task.num_classes, backbone_params=backbone_params, compiled=cfg.compile, device=str(device))
+
+
+def write_table(cfg, methods, planned, backbone_name, backbone_hash, backbone_params):
+    """After the sweep: print the table of this command's runs (what the results file holds of `planned`, with what
+    other ranks or sweeps on this --out wrote), save it as summary.md, and the plot with --plot."""
+    out = Path(cfg.out)
+    results = out / "results.jsonl"
+    done = finished(results)
+    say_missing([key for key in planned if key not in done], planned, results, int((cfg.shard or "0/1").split("/")[1]))
+    records = [done[key] for key in dict.fromkeys(planned) if key in done]  # this command's runs, nothing else
+    rows = list(dict.fromkeys(r["row"] for r in records))
     table = summarize(records, rows, backbone_params)
     if failed := sum(r["status"] != "ok" for r in records):
         print(f"{failed} runs failed (their lines in {results} say why); the table leaves them out", file=sys.stderr)

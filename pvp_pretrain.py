@@ -24,7 +24,6 @@ fewshot.py runs the first command by itself when its file is missing. The embedd
 by tools/build_backbone.py.
 """
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -60,7 +59,8 @@ class Pretrain:
     arch: str = like(C, "arch", "vit_base_patch16")
     data: str = flag(None, "source: synthetic (default), imagenet, or any fewshot.py dataset name")
     data_root: str = like(C, "data_root", None)
-    norm: str = flag("imagenet", "normalisation for data from disk: imagenet or inception", choices=tuple(fewshot.NORMS[1:]))
+    norm: str = flag("imagenet", "normalisation for data from disk: imagenet or inception",
+                     choices=tuple(fewshot.NORMS[1:]))
     per_class: int = flag(None, "embedded source: images per class drawn (default: 64)", ok=lambda v, c: v >= 1,
                           what="at least 1")
     epochs: int = like(C, "epochs", None, "passes over the source (default: 2; imagenet: 10)")

@@ -7,7 +7,10 @@ Jia et al., "Visual Prompt Tuning", ECCV 2022, arXiv 2203.12119, Sec. 3.2 (code:
                        and the next layer's prompts take their slots: the sequence stays 1+p+N long)
     y = Head(LN(x_L))
 Prompts sit between CLS and the patches, after the position embedding, so they carry no position. Init
-U(-v, v), v = sqrt(6 / (3*patch^2 + dim)) (0.0625 on ViT-B/16: Xavier for a flattened RGB patch -> dim map);
+(init="vpt") U(-v, v), v = sqrt(6 / (3*patch^2 + dim)) (0.0625 on ViT-B/16: Xavier for a flattened RGB patch -> dim
+map; KMnP/vpt src/models/vit_prompt/vit.py:57-62, 70); init="xavier" is NOAH's: xavier_uniform_ on each layer's
+(1, p, dim) tensor, U(-a, a), a = sqrt(6 / (dim * (p + 1))) (0.0088 at p=100 on ViT-B/16; ZhangYuanhan-AI/NOAH
+model/supernet_vision_transformer_timm.py:316-319 per block, 449-451 the input prompts);
 dropout on the prompts at every insertion (0.1 deep, 0.0 shallow); the backbone is frozen and stays in eval mode.
 
 Trained: the prompts, stored as one (layers, p, dim) tensor `prompts` (layers = depth for deep, 1 for shallow),
@@ -35,13 +38,14 @@ class VPT(nn.Module):
 
     name = "vpt"
 
-    def __init__(self, vit, *, num_classes, num_prompts=50, deep=True, dropout=None):
+    def __init__(self, vit, *, num_classes, num_prompts=50, deep=True, dropout=None, init="vpt"):
         super().__init__()
         dropout = (0.1 if deep else 0.0) if dropout is None else dropout  # the paper's / demo.ipynb's defaults
         if not (isinstance(num_prompts, int) and num_prompts >= 0 and isinstance(dropout, (int, float)) and
-                0 <= dropout < 1):  # 0 prompts: the plain ViT (a check, not a method)
-            raise ValueError(f"VPT needs num_prompts >= 0 and dropout in [0, 1); got {num_prompts!r}, {dropout!r}")
-        self.config = dict(num_prompts=num_prompts, deep=deep, dropout=dropout)
+                0 <= dropout < 1 and init in ("vpt", "xavier")):  # 0 prompts: the plain ViT (a check, not a method)
+            raise ValueError(f"VPT needs num_prompts >= 0, dropout in [0, 1) and init 'vpt' or 'xavier'; got "
+                             f"{num_prompts!r}, {dropout!r}, {init!r}")
+        self.config = dict(num_prompts=num_prompts, deep=deep, dropout=dropout, init=init)
         self.name = "vpt" if deep else "vpt-shallow"
         self.vit = vit.requires_grad_(False).eval()
         self.num_prompts, self.deep = num_prompts, deep
@@ -49,7 +53,12 @@ class VPT(nn.Module):
         layers = len(vit.blocks) if deep else 1
         self.prompts = nn.Parameter(torch.empty(layers, num_prompts, vit.dim, **like))  # (layers, p, D)
         v = math.sqrt(6.0 / (3 * vit.patch_size**2 + vit.dim))  # fan_in of a flattened RGB patch + fan_out
-        nn.init.uniform_(self.prompts, -v, v)
+        if init == "vpt":
+            nn.init.uniform_(self.prompts, -v, v)
+        else:  # NOAH's: each layer's (1, p, D) drawn on its own, fan_in p*D, fan_out D
+            with torch.no_grad():
+                for i in range(layers if num_prompts else 0):  # (p = 0: nothing to draw)
+                    nn.init.xavier_uniform_(self.prompts[i:i + 1])
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(vit.dim, num_classes, **like)
         nn.init.zeros_(self.head.weight), nn.init.zeros_(self.head.bias)
@@ -81,7 +90,7 @@ class VPT(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     @staticmethod
-    def trainable_count(vit, num_classes, *, num_prompts, deep, dropout):
+    def trainable_count(vit, num_classes, *, num_prompts, deep, dropout, init="vpt"):
         """The formula of the docstring: (depth if deep else 1) * p * dim, plus the head's (dim+1) * classes."""
         return (len(vit.blocks) if deep else 1) * num_prompts * vit.dim + (vit.dim + 1) * num_classes
 

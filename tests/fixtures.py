@@ -11,7 +11,8 @@ def to_google_npz(sd, path, heads, pre_logits=False, prefix=""):
     n = lambda t: t.detach().cpu().numpy().astype(np.float32)
     dim = sd["cls_token"].shape[-1]
     hd = dim // heads
-    w = {"cls": n(sd["cls_token"]), "embedding/kernel": n(sd["patch_embed.proj.weight"]).transpose(2, 3, 1, 0),  # (D,C,p,p) -> HWIO
+    w = {"cls": n(sd["cls_token"]),
+         "embedding/kernel": n(sd["patch_embed.proj.weight"]).transpose(2, 3, 1, 0),  # (D,C,p,p) -> HWIO
          "embedding/bias": n(sd["patch_embed.proj.bias"]),
          "Transformer/posembed_input/pos_embedding": n(sd["pos_embed"]),
          "Transformer/encoder_norm/scale": n(sd["norm.weight"]), "Transformer/encoder_norm/bias": n(sd["norm.bias"])}
@@ -49,8 +50,10 @@ def to_torchvision(sd):
         if k.startswith("blocks."):
             _, i, rest = k.split(".", 2)
             rest = (rest.replace("norm1.", "ln_1.").replace("norm2.", "ln_2.")
-                    .replace("attn.qkv.weight", "self_attention.in_proj_weight").replace("attn.qkv.bias", "self_attention.in_proj_bias")
-                    .replace("attn.proj.", "self_attention.out_proj.").replace("mlp.fc1.", "mlp.0.").replace("mlp.fc2.", "mlp.3."))
+                    .replace("attn.qkv.weight", "self_attention.in_proj_weight")
+                    .replace("attn.qkv.bias", "self_attention.in_proj_bias")
+                    .replace("attn.proj.", "self_attention.out_proj.")
+                    .replace("mlp.fc1.", "mlp.0.").replace("mlp.fc2.", "mlp.3."))
             k = f"encoder.layers.encoder_layer_{i}.{rest}"
         out[k] = v
     return out

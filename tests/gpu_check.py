@@ -250,7 +250,7 @@ class Context:
 
 
 def timm_vit():
-    """timm's VisionTransformer class, or None without timm (requirements.txt lists it for tests only); imported
+    """timm's VisionTransformer class, or None without timm (requirements.txt lists it); imported
     when needed, as it takes seconds."""
     try:
         from timm.models.vision_transformer import VisionTransformer

@@ -69,8 +69,10 @@ def defined(path):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
         if isinstance(node, ast.ClassDef):
-            names |= {f"{node.name}.{n.name}" for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            names |= {f"{node.name}.{n.name}" for n in node.body
+                      if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        targets = (node.targets if isinstance(node, ast.Assign)
+                   else [node.target] if isinstance(node, ast.AnnAssign) else [])
         names |= {t.id for t in targets if isinstance(t, ast.Name)}
     return names
 

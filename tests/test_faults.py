@@ -1,4 +1,4 @@
-"""The fault matrix (issue 7): every bad input and fault a user can cause, one row of CASES each.
+"""The fault matrix: every bad input and fault a user can cause, one row of CASES each.
 
 A row is Case(name, setup, argv, code, says): setup(w) makes files in the row's own tmp folder, argv runs
 fewshot.py (or pvp_pretrain.py) on a micro budget with a tiny random vit_synthetic backbone saved once, and then:
@@ -178,7 +178,7 @@ def break_image(rel, how):
     return setup
 
 
-# images, layouts and annotation files as users have them (data.py, issue 11)
+# images, layouts and annotation files as users have them (data.py)
 def image_in(rel, make):
     """The imagefolder fixture with one more image at rel, made by make() (a PIL image)."""
     def setup(w):
@@ -364,7 +364,8 @@ def in_process(script, args):
                 runpy.run_path(str(ROOT / script), run_name="__main__")
                 code = 0
             except SystemExit as e:
-                code = 0 if e.code is None else e.code if isinstance(e.code, int) else print(e.code, file=sys.stderr) or 1
+                code = (0 if e.code is None else e.code if isinstance(e.code, int)
+                        else print(e.code, file=sys.stderr) or 1)
             except BaseException:
                 traceback.print_exc()
                 code = 1
@@ -527,7 +528,8 @@ def module_with(w, name, header=None, tensors=None):
     with safe_open(w.pvp, "pt") as f:
         meta = json.loads(f.metadata()["nanopetl"])
     t = load_file(w.pvp)
-    save_file(tensors(t) if tensors else t, w.tmp / name, metadata={"nanopetl": json.dumps(header(meta) if header else meta)})
+    save_file(tensors(t) if tensors else t, w.tmp / name,
+              metadata={"nanopetl": json.dumps(header(meta) if header else meta)})
 
 
 def without(key):
@@ -766,7 +768,7 @@ CASES = [
     Case("pretrain-pickled-resume", pickled_resume, pp(resume=True), 1,
          ("{tmp}/m.safetensors.resume", "Pickled objects", "delete it"), script="pvp_pretrain.py",
          then=not_executed),
-    # --- run identity, options, flags and environment, resume and writes (issue 11)
+    # --- run identity, options, flags and environment, resume and writes
     Case("device-xpu", None, fs(device="xpu"), 1, ("--device xpu", "cpu, cuda or mps")),
     Case("device-meta", None, fs(device="meta"), 1, ("--device meta", "cpu, cuda or mps")),
     Case("device-cuda-absent", None, fs(device="cuda:1"), 1, ("--device cuda:1", "no CUDA here")),
@@ -810,8 +812,8 @@ CASES = [
          script="pvp_pretrain.py"),
     Case("pretrain-per-class-with-data-on-disk", imagefolder, pp(data="imagefolder", data_root="{data}"), 1,
          ("--per-class", "--data imagefolder", "drop it"), script="pvp_pretrain.py"),
-    Case("pretrain-resume-without-file", None, pp(resume=True), 0, ("no resume file at {tmp}/m.safetensors.resume",
-                                                                     "from scratch"), script="pvp_pretrain.py", then=None),
+    Case("pretrain-resume-without-file", None, pp(resume=True), 0,
+         ("no resume file at {tmp}/m.safetensors.resume", "from scratch"), script="pvp_pretrain.py", then=None),
     Case("two-pretrains-one-out", None, pp(per_class="16"), 0, ("wrote",), script="pvp_pretrain.py",
          during=second_pretrain, then=None),
     Case("results-with-broken-lines", broken_lines, fs(method="linear,vpt"), 0,
@@ -821,7 +823,8 @@ CASES = [
     Case("opt-not-a-finite-number", None, fs(method="vpt", opt="dropout=nan"), 1, ("--method vpt", "dropout", "nan")),
     Case("opt-out-of-range", None, fs(method="vpt", opt="num_prompts=-1"), 1, ("--method vpt", "num_prompts >= 0")),
     Case("opt-lora-alpha-negative", None, fs(method="lora", opt="alpha=-1"), 1, ("--method lora", "alpha", "-1")),
-    Case("opt-named-option-nobody-takes", None, fs(method="vpt", opt="rank=4"), 1, ("--opt rank", "none of --method vpt")),
+    Case("opt-named-option-nobody-takes", None, fs(method="vpt", opt="rank=4"), 1,
+         ("--opt rank", "none of --method vpt")),
     Case("method-list-with-an-empty-name", None, fs(method="vpt,,lora"), 1, ("--method 'vpt,,lora'", "empty name")),
     Case("method-all-in-a-list", None, fs(method="all,pvp"), 1, ("'all' stands alone",)),
     Case("seeds-twice", None, fs(seeds="1,1"), 1, ("--seeds 1,1", "twice")),
@@ -839,9 +842,10 @@ CASES = [
          script="pvp_pretrain.py"),
     Case("vpt-script-bad-argument", None, ["--bogus"], 2, ("unrecognized arguments: --bogus",), script="vpt.py",
          then=None),
-    Case("lora-script-bad-argument", None, ["--rank", "4"], 2, ("unrecognized arguments",), script="lora.py", then=None),
+    Case("lora-script-bad-argument", None, ["--rank", "4"], 2, ("unrecognized arguments",), script="lora.py",
+         then=None),
     Case("e2vpt-script-bad-argument", None, ["x"], 2, ("unrecognized arguments",), script="e2vpt.py", then=None),
-    # --- data.py: images, layouts, annotations (issue 11) ---
+    # --- data.py: images, layouts, annotations ---
     Case("fifo-in-class-folder", lambda w: imagefolder(w) or os.mkfifo(w.data / "test" / "dog" / "pipe.jpg"), fs(**IF),
          1, ("image {data}/test/dog/pipe.jpg is not a regular file (a FIFO", "replace it"), cli=True),  # cli: timeout
     Case("image-60000x1", image_in("test/cat/strip.png", lambda: Image.new("L", (60000, 1))), fs(**IF), 1,
@@ -870,11 +874,11 @@ CASES = [
     Case("max-gb-not-a-number-synthetic", None, fs(), 1, ("NANOPETL_MAX_GB='-3' is not a positive number",),
          env=dict(NANOPETL_MAX_GB="-3")),
     Case("over-max-gb", lambda w: imagefolder(w) or w.mp.setenv("NANOPETL_MAX_GB", "1e-9"), fs(**IF), 0,  # streams
-         ("test 6 images", "streamed from disk", "(--cache-gb 1e-09 GB)", "saved:"), then=one_ok_run),  # (issue 13)
+         ("test 6 images", "streamed from disk", "(--cache-gb 1e-09 GB)", "saved:"), then=one_ok_run),
     Case("data-script-bad-flag", None, ["--bogus"], 2, ("unrecognized arguments: --bogus",), script="data.py"),
     Case("data-script-sheet-not-writable", not_writable, ["--sheet", "{ro}/sheet.png"], 1,
          ("cannot write the contact sheet {ro}/sheet.png (--sheet)", "choose another path"), script="data.py"),
-    # --- vit.py: loader faults (issue 11)
+    # --- vit.py: loader faults
     Case("weights-with-nan", lambda w: edited(w, "nan", "blocks.2.mlp.fc1.weight", lambda v: poisoned(v, nan=2, inf=1)),
          fs(weights="{tmp}/nan.safetensors"), 1,
          ("{tmp}/nan.safetensors", "blocks.2.mlp.fc1.weight holds 2 NaN and 1 infinite", "earlier checkpoint")),
@@ -893,7 +897,7 @@ CASES = [
     Case("vit-py-weights-with-inf", lambda w: edited(w, "inf", "norm.bias", lambda v: poisoned(v, inf=128)),
          ["--preset", "vit_synthetic", "--weights", "{tmp}/inf.safetensors"], 1,
          ("{tmp}/inf.safetensors", "norm.bias holds 0 NaN and 128 infinite"), script="vit.py"),
-    # --- streaming (issue 13) ---
+    # --- streaming: a bad image mid-stream, shards, workers ---
     Case("bad-image-in-a-stream", break_image("train/cat/0.jpg", "truncated"),
          fs(**IF, method="linear,vpt", shots="1,2", cache_gb="0", workers="1"), 1,
          ("cannot read image {data}/train/cat/0.jpg", "truncated", "replace it or drop it"), then=one_shot_runs_kept),
@@ -923,7 +927,8 @@ def test_fault(case, w):
         case.setup(w)
     args = fill(case.argv, w)
     if case.cli or case.hook or case.during or case.env:
-        proc = spawn(case.script, args, w, case.hook, extra_env={k: fill([v], w)[0] for k, v in (case.env or {}).items()})
+        proc = spawn(case.script, args, w, case.hook,
+                     extra_env={k: fill([v], w)[0] for k, v in (case.env or {}).items()})
         if case.during:
             case.during(proc, w)
         r = finish(proc)

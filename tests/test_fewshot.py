@@ -45,7 +45,8 @@ def lines(out):
 
 
 def cli(script, *argv):
-    return subprocess.run([sys.executable, script, *argv], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, script, *argv], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_every_method_writes_a_results_line_summary_and_plot(world, tmp_path):
@@ -111,7 +112,8 @@ def test_head_init_prototype_is_a_nearest_class_mean_classifier(world):
                                 num_classes=task.num_classes)
     fewshot.init_head(model, task.train, task, torch.device("cpu"), "prototype")
     with torch.no_grad():
-        feats = torch.nn.functional.normalize(model.features(data.normalize(task.train.images, task.mean, task.std)), dim=-1)
+        feats = torch.nn.functional.normalize(
+            model.features(data.normalize(task.train.images, task.mean, task.std)), dim=-1)
         torch.testing.assert_close(model.head.weight[task.train.labels], feats)  # 1 shot: the mean is the image
         assert model.head.bias.abs().max() == 0 and torch.allclose(model.head.weight.norm(dim=-1), torch.ones(16))
     assert fewshot.evaluate(model, task.train, task, torch.device("cpu")) == 100.0  # each image nearest its own class
@@ -177,7 +179,8 @@ def test_bad_arguments_give_one_clear_message(world, tmp_path, argv, needle):
 def test_module_checkpoint_is_safetensors_with_its_story(world):
     meta = json.loads(__import__("safetensors").safe_open(world["pvp"], "pt").metadata()["nanopetl"])
     assert meta["method"] == "vpt" and meta["config"]["deep"] is True and meta["source"] == "synthetic"
-    assert meta["backbone_hash"] == plumbing.weights_hash(vit.load_pretrained(vit.vit_synthetic(num_classes=0), world["backbone"], verbose=False))
+    assert meta["backbone_hash"] == plumbing.weights_hash(
+        vit.load_pretrained(vit.vit_synthetic(num_classes=0), world["backbone"], verbose=False))
     assert 0 <= meta["source_top1"] <= 100 and meta["epochs"] == 1
     assert set(load_file(world["pvp"])) == {"prompts"}  # the module only: no source head, no backbone
 
@@ -268,7 +271,8 @@ def test_training_counts_its_own_steps_with_progress_bars_disabled(monkeypatch):
     cfg = fewshot.parse(["--weights", "x", "--max-steps", "20", "--method", "vpt"])
     seen = []
     real = torch.optim.AdamW.step
-    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a: (seen.append(self.param_groups[0]["lr"]), real(self, *a))[1])
+    monkeypatch.setattr(torch.optim.AdamW, "step",
+                        lambda self, *a: (seen.append(self.param_groups[0]["lr"]), real(self, *a))[1])
     shown, _ = fewshot.fit("vpt", task, backbone, cfg, torch.device("cpu"), seed=0)
     monkeypatch.setattr(fewshot, "tqdm", functools.partial(fewshot.tqdm, disable=True))  # as TQDM_DISABLE=1 does
     hidden, _ = fewshot.fit("vpt", task, backbone, cfg, torch.device("cpu"), seed=0)

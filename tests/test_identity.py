@@ -1,4 +1,4 @@
-"""Every number a sweep prints belongs to the command that printed it (issue 11): a results line's key covers
+"""Every number a sweep prints belongs to the command that printed it: a results line's key covers
 what made it, a shared --out never hands back another run's numbers, and builders of one checkpoint take turns.
 Each test drives fewshot.main / pvp_pretrain.main with argv, as the command line does."""
 import json
@@ -70,7 +70,8 @@ def image_folder(root, seed):
 def test_two_image_folders_on_one_out_both_run(world, tmp_path):
     one, two = image_folder(tmp_path / "one", 0), image_folder(tmp_path / "two", 1)
     for root in (one, two):
-        assert sweep(world, tmp_path / "out", "--data", "imagefolder", "--data-root", str(root), "--img-size", "32") == 0
+        assert sweep(world, tmp_path / "out", "--data", "imagefolder", "--data-root", str(root),
+                     "--img-size", "32") == 0
     rs = records(tmp_path / "out")
     assert len(rs) == 2 and rs[0]["key"] != rs[1]["key"]
     assert {r["identity"]["data"]["root"] for r in rs} == {str(one.resolve()), str(two.resolve())}
@@ -102,7 +103,7 @@ def test_a_changed_option_runs_again_and_an_unrelated_one_does_not(world, tmp_pa
     rs = records(tmp_path)
     assert [r["config"]["num_prompts"] for r in rs] == [10, 5]
     assert sweep(world, tmp_path, "--method", "vpt", "--opt", "dropout=0.0", "--prompts", "5") == 0
-    assert records(tmp_path)[-1]["config"] == dict(num_prompts=5, deep=True, dropout=0.0)
+    assert records(tmp_path)[-1]["config"] == dict(num_prompts=5, deep=True, dropout=0.0, init="vpt")
 
 
 def test_results_lines_that_are_not_whole_records_are_skipped_with_one_warning(world, tmp_path, capsys):
@@ -120,7 +121,8 @@ def test_results_lines_that_are_not_whole_records_are_skipped_with_one_warning(w
 
 def test_pretrain_resume_refuses_another_recipe_and_says_when_it_starts_fresh(world, tmp_path, capsys):
     out = tmp_path / "m.safetensors"
-    base = ["--weights", str(world / "bb.safetensors"), "--arch", "vit_synthetic", "--per-class", "2", "--out", str(out)]
+    base = ["--weights", str(world / "bb.safetensors"), "--arch", "vit_synthetic", "--per-class", "2",
+            "--out", str(out)]
     assert pvp_pretrain.main([*base, "--epochs", "1", "--resume"]) == 0
     assert "no resume file" in capsys.readouterr().out
     state = dict(model={}, optimizer={}, epoch=0, recipe=json.dumps(dict(pvp_pretrain.recipe(

@@ -137,6 +137,23 @@ def test_vpt_prompt_init():
     assert 0.0620 < prompts.abs().max() <= 0.0625  # v = sqrt(6 / (3*16*16 + 768))
 
 
+def test_vpt_xavier_init_is_noahs():
+    """init="xavier": xavier_uniform_ on each layer's (1, p, 768), bound sqrt(6 / (768 (p + 1))) (NOAH's, 0.00879 at
+    p=100), every layer drawn; the default "vpt" is the same draw as a model built without the option."""
+    b1 = vit.ViT(img_size=16, patch_size=16, dim=768, depth=3, heads=12, num_classes=0)
+    for p in (1, 100):
+        prompts = vpt.VPT(b1, num_classes=2, num_prompts=p, init="xavier").prompts  # (3, p, 768)
+        bound = (6 / (768 * (p + 1))) ** 0.5
+        assert prompts.abs().amax((1, 2)).min() > 0.97 * bound and prompts.abs().max() <= bound
+    assert vpt.VPT(b1, num_classes=2, num_prompts=0, init="xavier").prompts.shape == (3, 0, 768)
+    torch.manual_seed(3)
+    plain = vpt.VPT(backbone(), num_classes=2).prompts
+    torch.manual_seed(3)
+    assert torch.equal(vpt.VPT(backbone(), num_classes=2, init="vpt").prompts, plain)
+    with pytest.raises(ValueError, match="init"):
+        vpt.VPT(backbone(), num_classes=2, init="normal")
+
+
 # -----------------------------------------------------------------------------
 # E2VPT: prompts
 
@@ -336,7 +353,8 @@ def test_load_module_state_dict_refuses_what_does_not_fit(method):
 def test_load_without_head_leaves_the_head_alone(method):
     source, target = perturb(build(method, num_classes=7)), build(method, num_classes=4, seed=2)
     head = {k: v.clone() for k, v in target.head.state_dict().items()}
-    for sd in (plumbing.module_state_dict(source), plumbing.module_state_dict(source, head=False)):  # a 7-class head is ignored
+    # a 7-class head is ignored
+    for sd in (plumbing.module_state_dict(source), plumbing.module_state_dict(source, head=False)):
         plumbing.load_module_state_dict(target, sd, head=False)
         assert all(torch.equal(v, target.head.state_dict()[k]) for k, v in head.items())
         mine = plumbing.module_state_dict(target, head=False)
@@ -484,7 +502,8 @@ def test_rewind_then_retrain_keeps_pruned_entries_at_zero():
     assert (model.prompts[:, pruned] == 0).all()
     assert not torch.equal(model.prompts[:, ~pruned], init["prompts"][:, ~pruned])
     assert model.prompts.abs().max() <= (6 / (3 * 64 + 32)) ** 0.5
-    loaded = plumbing.load_module_state_dict(build("e2vpt", seed=9), plumbing.module_state_dict(model))  # the rewind point moves
+    # the rewind point moves
+    loaded = plumbing.load_module_state_dict(build("e2vpt", seed=9), plumbing.module_state_dict(model))
     perturb(loaded).rewind()
     assert torch.equal(loaded.prompts, model.prompts) and torch.equal(loaded.kv_prompts, model.kv_prompts)
 

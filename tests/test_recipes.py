@@ -1,4 +1,4 @@
-"""The papers' recipes (issue 14): each preset resolves to its table and explicit flags override it; what the
+"""The papers' recipes: each preset resolves to its table and explicit flags override it; what the
 recipes add to the loop (label smoothing, MixUp/CutMix, drop-path, the schedules, head inits, LoRA over the whole
 qkv, E2VPT's official pruning) changes training as it should, and nothing at all when off."""
 import json
@@ -93,7 +93,8 @@ def trained(**flags):
 
 
 def same(a, b):
-    return all(torch.equal(x, y) for x, y in zip(plumbing.module_state_dict(a).values(), plumbing.module_state_dict(b).values()))
+    return all(torch.equal(x, y) for x, y in zip(plumbing.module_state_dict(a).values(),
+                                                 plumbing.module_state_dict(b).values()))
 
 
 def test_label_smoothing_mixup_cutmix_and_drop_path_change_training_and_nothing_when_off():
@@ -136,7 +137,8 @@ def test_head_inits():
 def test_lora_over_the_whole_qkv_adapts_q_k_and_v_with_one_pair():
     model = lora.LoRA(backbone(), num_classes=4, rank=2, targets=("qkv",))
     layer = model.vit.blocks[0].attn.qkv
-    assert set(layer.lora_A) == {"qkv"} and layer.lora_A["qkv"].shape == (2, 32) and layer.lora_B["qkv"].shape == (96, 2)
+    assert (set(layer.lora_A) == {"qkv"} and layer.lora_A["qkv"].shape == (2, 32)
+            and layer.lora_B["qkv"].shape == (96, 2))
     with torch.no_grad():
         layer.lora_B["qkv"].normal_()
         x = torch.randn(1, 5, 32)
@@ -160,9 +162,10 @@ def test_the_token_mask_gradient_is_layernorm_noise_so_tokens_are_scored_by_segm
 def test_official_pruning_chooses_the_pair_on_val_and_records_it(tmp_path):
     from safetensors.torch import save_file
     torch.manual_seed(0)
-    save_file({k: v.contiguous() for k, v in vit.vit_synthetic(num_classes=0).state_dict().items()}, tmp_path / "b.safetensors")
-    argv = ["--weights", str(tmp_path / "b.safetensors"), "--arch", "vit_synthetic", "--data", "synthetic:shape", "--shots",
-            "1", "--seeds", "0", "--max-steps", "2", "--method", "e2vpt", "--out", str(tmp_path / "out")]
+    save_file({k: v.contiguous() for k, v in vit.vit_synthetic(num_classes=0).state_dict().items()},
+              tmp_path / "b.safetensors")
+    argv = ["--weights", str(tmp_path / "b.safetensors"), "--arch", "vit_synthetic", "--data", "synthetic:shape",
+            "--shots", "1", "--seeds", "0", "--max-steps", "2", "--method", "e2vpt", "--out", str(tmp_path / "out")]
     assert fewshot.main([*argv, "--prune", "official", "--prune-grid", "0.25,0.5"]) == 0
     assert fewshot.main([*argv, "--prune", "none"]) == 0
     official, none = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]

@@ -1,4 +1,4 @@
-"""The method contract, checked over fewshot.METHODS whatever the names in it (issue 12): every registered method
+"""The method contract, checked over fewshot.METHODS whatever the names in it: every registered method
 keeps the backbone frozen and gradient-free (or trains it, and says so), round-trips its module, counts its
 trainable parameters by its docstring's formula, survives a PVP checkpoint, and runs through both scripts. A new
 method file written the way the README says runs through fewshot.py and pvp_pretrain.py with no other edit."""
@@ -70,7 +70,8 @@ def test_the_backbone_is_untouched_and_gets_no_gradient(name, ckpt):
     trains_backbone = any(p.requires_grad for p in frozen.values())
     step(model)
     if trains_backbone:  # full fine-tuning: the one method that says it trains the backbone
-        assert getattr(model, "trains_backbone", False) and any(not torch.equal(v, before[k]) for k, v in frozen.items())
+        assert getattr(model, "trains_backbone", False) and any(
+            not torch.equal(v, before[k]) for k, v in frozen.items())
     else:
         assert all(torch.equal(v, before[k]) and v.grad is None for k, v in frozen.items())
     ids = {id(p) for p in frozen.values()}
@@ -134,7 +135,8 @@ def test_pretrained_and_then_started_from_through_both_scripts(name, world, tmp_
     assert fewshot.main(micro(world, "--method", "pvp", "--pvp-init", str(ck), "--data", "synthetic:shape", "--shots",
                               "1", "--seeds", "0", "--max-steps", "2", "--out", str(tmp_path / "out"))) == 0
     [r] = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
-    assert r["status"] == "ok" and r["row"] == f"pvp({name})" and f"| pvp({name}) |" in (tmp_path / "out" / "summary.md").read_text()
+    assert (r["status"] == "ok" and r["row"] == f"pvp({name})"
+            and f"| pvp({name}) |" in (tmp_path / "out" / "summary.md").read_text())
     assert ("pruned" in r) == (name == "e2vpt")
     if name == "lora":
         model, _ = fewshot.fit("pvp", *task_and_backbone(world), fewshot.parse(micro(world, "--pvp-init", str(ck),

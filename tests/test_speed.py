@@ -1,4 +1,4 @@
-"""What keeps a few-shot run cheap (issue 7), each checked by behaviour, not by time: the linear probe's backbone
+"""What keeps a few-shot run cheap, each checked by behaviour, not by time: the linear probe's backbone
 runs once, the frozen backbone gets no gradients or optimiser state, evaluation is inference-only with LoRA merged
 and E2VPT's pruned prompts out of the sequence, val/test images are decoded once per process, and --compile works.
 Timings and ratios are measured by tests/bench_fewshot.py, never asserted here."""
@@ -77,7 +77,8 @@ def test_evaluation_is_inference_only_with_lora_merged_and_pruned_prompts_out_of
     assert lora_model.merged and not lora_model.training
     e2, out = fewshot.fit("e2vpt", task, backbone, cfg, CPU, seed=0)
     lengths = []
-    e2.vit.blocks[0].register_forward_pre_hook(lambda m, a: lengths.append((a[0].shape[1], torch.is_inference_mode_enabled())))
+    e2.vit.blocks[0].register_forward_pre_hook(
+        lambda m, a: lengths.append((a[0].shape[1], torch.is_inference_mode_enabled())))
     fewshot.evaluate(e2, task.test, task, CPU)
     kept = int(e2.token_mask.sum())
     assert 0 < kept < fewshot.method_options("e2vpt", cfg)["num_prompts"] and out["pruned"]

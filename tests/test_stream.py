@@ -127,7 +127,7 @@ def test_the_bar_warns_when_the_loader_sets_the_pace(folder, monkeypatch, capsys
     [task] = data.load_task("imagefolder", folder, img_size=16, cache_gb=0, workers=0)
     real = data.decode
     monkeypatch.setattr(data, "decode", lambda p: __import__("time").sleep(0.02) or real(p))
-    monkeypatch.setattr(plumbing, "WAIT_WINDOW", 3)
+    monkeypatch.setattr(data, "WAIT_WINDOW", 3)
     cfg = fewshot.Config(batch=2, epochs=1, max_steps=4)
     fewshot.train(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 2)), task.train, task, cfg,
                   CPU, seed=0)

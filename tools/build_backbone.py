@@ -80,7 +80,7 @@ def build(args):
     t0 = time.time()
     fewshot.train(model, task.train, task, cfg, device, seed=args.seed, desc=f"pre-training {Path(args.out).name}",
                   start=start, opt_state=opt_state, save_every=0,
-                  on_save=lambda position, opt: plumbing.write_resume(resume, model.state_dict(), opt, position, wanted))
+                  on_save=lambda at, opt: plumbing.write_resume(resume, model.state_dict(), opt, at, wanted))
     acc = fewshot.evaluate(model, task.val, task, device)
     sd = {k: v.contiguous() for k, v in model.cpu().state_dict().items()}
     meta = dict(recipe={k: getattr(args, k) for k in RECIPE}, source_classes=task.num_classes, epochs=args.epochs,
