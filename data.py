@@ -65,6 +65,10 @@ VTAB_TASKS = {  # folder -> classes: the 19 tasks of VTAB-1k (Zhai et al. 2019, 
     "sun397": 397, "patch_camelyon": 2, "eurosat": 10, "resisc45": 45, "diabetic_retinopathy": 5, "clevr_count": 8,
     "clevr_dist": 6, "dmlab": 6, "kitti": 4, "dsprites_loc": 16, "dsprites_ori": 16, "smallnorb_azi": 18,
     "smallnorb_ele": 9}
+VTAB_GROUPS = {"natural": ("caltech101", "cifar", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"),
+               "specialized": ("patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"),
+               "structured": ("clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori",
+                              "smallnorb_azi", "smallnorb_ele")}
 NORMS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "inception": ((0.5,) * 3, (0.5,) * 3)}
 BILINEAR, BICUBIC = "bilinear", "bicubic"  # torchvision's InterpolationMode values (torchvision is imported
 # where it is used: its import costs over a second, and the embedded world never needs it)
@@ -946,6 +950,20 @@ class Progress:
                            "(--workers), or keep the split in memory (--cache-gb) if it fits")
             self.start, self.waited, self.images, self.steps = time.perf_counter(), 0.0, 0, 0
         return shown
+
+
+def vtab_averages(acc):
+    """The two VTAB-1k averages in use, from {task folder: top-1}: the mean of the three group means (NOAH's table;
+    Natural 7, Specialized 4, Structured 8) and the plain mean of the 19 tasks (V-PETL Bench), labelled; with tasks
+    missing, the means of the complete groups and which tasks are missing."""
+    groups = {g: [acc[t] for t in ts if t in acc] for g, ts in VTAB_GROUPS.items()}
+    means = {g: sum(v) / len(v) for g, v in groups.items() if len(v) == len(VTAB_GROUPS[g])}
+    shown = ", ".join(f"{g} {m:.2f}" for g, m in means.items())
+    if len(means) == 3:
+        return (f"VTAB-1k: mean of the 3 group means {sum(means.values()) / 3:.2f} (NOAH's), mean of the 19 tasks "
+                f"{sum(acc[t] for ts in VTAB_GROUPS.values() for t in ts) / 19:.2f} (V-PETL Bench's); {shown}")
+    missing = [t for ts in VTAB_GROUPS.values() for t in ts if t not in acc]
+    return f"VTAB-1k: complete groups: {shown or 'none'}; missing {len(missing)} of 19: {', '.join(missing)}"
 
 
 def max_gb():

@@ -3,20 +3,16 @@ Few-shot evaluation of PETuning methods: methods x datasets x shots x seeds, one
 
     python fewshot.py --method pvp --shots 1                # the main job: offline, on the embedded world
     python fewshot.py --method all --plot                   # every method, shots 1..16, seeds 0..2, and the figure
-    python fewshot.py --weights vit_b16_in21k --data vtab1k --data-root data/vtab-1k --vtab-task dtd --shots all \
-        --recipe vpt --method vpt                       # VPT's protocol: lr x wd on train800 -> val200
-    torchrun --nproc_per_node=8 fewshot.py ...              # a sweep over 8 GPUs: each rank takes every 8th run
+    torchrun --nproc_per_node=8 fewshot.py --weights vit_b16_in21k ...   # real weights, a sweep over 8 GPUs
 With no --weights the embedded backbone is used, and `pvp` with no --pvp-init the embedded PVP prompts (pre-trained
 by pvp_pretrain.py when missing, cached under checkpoints/).
 
 Read it in run order: the protocol (Config, RECIPES) -> the methods (METHODS) -> the training loop (train) ->
-evaluation -> one run (fit, run_one, search) -> the sweep -> main. The default protocol (recipe nanopetl) is NOAH's
-few-shot recipe (ZhangYuanhan-AI/NOAH, configs/*/few-shot/*.sh): AdamW, lr 5e-3, wd 1e-4, batch 64, 100 epochs, 10
-warmup then cosine, with the data's crop + flip instead of its RandAugment, mixup and cutmix. `full` trains at lr x
-0.1; `linear` trains its head on the frozen features of the centre-cropped support set. Runs report the last step:
-test never selects anything. Output in --out: results.jsonl (a line per run, keyed by everything that makes its
-numbers: a re-run skips what is done), summary.md, accuracy_vs_shots.png with --plot. Checks, files and keys live in
-plumbing.py; nothing there is a paper's idea.
+evaluation -> one run (fit, run_one, search) -> the sweep -> main. The default recipe (nanopetl) is NOAH's few-shot
+recipe (ZhangYuanhan-AI/NOAH, configs/*/few-shot/*.sh) with the data's crop + flip instead of its RandAugment, mixup
+and cutmix; `full` trains at lr x 0.1, `linear` its head on frozen features. Runs report the last step: test never
+selects anything. Output in --out: results.jsonl (a line per run, keyed by all that makes its numbers: a re-run skips
+what is done), summary.md, the plot. Checks, files and keys live in plumbing.py; nothing there is a paper's idea.
 """
 import copy
 import dataclasses
@@ -65,8 +61,7 @@ class Config:
     arch: str = flag("vit_base_patch16", f"preset for --weights: {', '.join(vitlib.PRESETS)}",
                      choices=tuple(vitlib.PRESETS))
     pvp_init: str = flag(None, "module checkpoint for `pvp` (none = the embedded one)")
-    opt: list = flag(None, "NAME=VALUE, a method's constructor option (repeat the flag for more); each goes to the "
-                           "methods that take it")
+    opt: list = flag(None, "NAME=VALUE, a method's constructor option (repeat for more), for the methods taking it")
     optimizer: str = flag("adamw", "adamw (NOAH) or sgd (VPT: momentum 0.9)", choices=("adamw", "sgd"))
     lr: float = flag(5e-3, "base learning rate", ok=lambda v, c: 0 < v <= plumbing.LR_MAX,
                      what=f"a positive number, at most {plumbing.LR_MAX:g}")
@@ -77,25 +72,20 @@ class Config:
     wd: float = flag(1e-4, "weight decay (none on biases and norms)", ok=lambda v, c: v >= 0 and math.isfinite(v),
                      what="a number >= 0")
     epochs: int = flag(100, "passes over the support set", **AT_LEAST_1)
-    max_steps: int = flag(None, "cap on optimiser steps (embedded default: EMBEDDED)", ok=lambda v, c: v >= 1,
-                          what="at least 1 (leave it out for no cap)")
-    warmup: float = flag(0.1, "fraction of steps of linear warmup before the cosine", ok=lambda v, c: 0 <= v <= 1,
-                         what="a fraction in [0, 1]")
+    max_steps: int = flag(None, "cap on optimiser steps", ok=lambda v, c: v >= 1, what="at least 1 (no flag: no cap)")
+    warmup: float = flag(0.1, "fraction of steps of warmup", ok=lambda v, c: 0 <= v <= 1, what="a fraction in [0, 1]")
     batch: int = flag(64, "batch size (at most the support-set size)", **AT_LEAST_1)
     norm: str = flag(None, "imagenet or inception (0.5/0.5); default per data", choices=NORMS)
     aug: str = flag(None, "none, crop_flip, or randaug (RandomResizedCrop 0.08-1, flip, RandAugment 2 ops at 9, "
                           "random erasing); default per data", choices=(None, "none", "crop_flip", "randaug"))
     img_size: int = flag(None, "input side; default: the backbone's", ok=lambda v, c: 1 <= v <= plumbing.MAX_IMG,
                          what=f"from 1 to {plumbing.MAX_IMG}")
-    head_init: str = flag("zero", "zero; prototype: the support set's normalised class means; trunc_normal (std "
-                                  "0.02, NOAH); kaiming (VPT)", choices=("zero", "prototype", "trunc_normal",
-                                                                         "kaiming"))
-    recipe: str = flag("nanopetl", "a paper's whole protocol: nanopetl, noah, vpt, e2vpt (RECIPES); explicit flags "
-                                   "override it")
+    head_init: str = flag("zero", "zero; prototype (the support set's normalised class means); trunc_normal (NOAH); "
+                                  "kaiming (VPT)", choices=("zero", "prototype", "trunc_normal", "kaiming"))
+    recipe: str = flag("nanopetl", "a paper's protocol: nanopetl, noah, vpt, e2vpt (RECIPES); flags override it")
     schedule: str = flag("step", "step (warmup then cosine per step), epoch (VPT: per epoch, epoch 0 at lr 0), timm "
                                  "(NOAH: timm's cosine)", choices=("step", "epoch", "timm"))
-    warmup_lr: float = flag(None, "lr at the first warmup step (timm's warmup-lr; default: the ramp (t+1)/warmup)",
-                            **UP_TO_LR)
+    warmup_lr: float = flag(None, "first warmup lr (timm's warmup-lr; default: the ramp (t+1)/warmup)", **UP_TO_LR)
     min_lr: float = flag(0.0, "lr floor of the cosine", **UP_TO_LR)
     label_smoothing: float = flag(0.0, "label smoothing of the cross-entropy", **FRACTION)
     mixup: float = flag(0.0, "MixUp alpha (0: off); with --cutmix, one of the two per batch", **ALPHA)
@@ -116,15 +106,14 @@ class Config:
     prune_segments: float = flag(0.25, "E2VPT: fraction of each token's segments pruned", **FRACTION)
     rank: int = flag(None, "LoRA rank (default 8; alpha = rank unless --opt alpha=...)", **AT_LEAST_1)
     device: str = flag("auto", "auto (cuda -> mps -> cpu), or cpu, cuda, cuda:<n>, mps")
-    amp: bool = flag(False, "bf16 autocast in training too (CUDA only; eval always uses it)")
+    amp: bool = flag(False, "bf16 autocast in training (CUDA only)")
+    eval_dtype: str = flag("bf16", "evaluation on CUDA: bf16, or fp32 (the papers')", choices=("bf16", "fp32"))
     compile: bool = flag(False, "torch.compile the model for training and evaluation")
     workers: int = flag(None, "loader processes per training process for splits streamed from disk (default: its "
                               "CPUs - 1, at most 8)", ok=lambda v, c: v >= 0, what="0 (load in this process) or more")
-    cache_gb: float = flag(None, "GB of decoded images kept in memory, smallest split first; the rest stream from "
-                                 "disk (default: NANOPETL_MAX_GB, 8)", ok=lambda v, c: v >= 0,
-                           what="a number of GB >= 0 (0: stream every split from disk)")
-    shard: str = flag(None, "i/n: run only the planned runs whose index %% n == i, for n independent jobs on one "
-                            "--out (no locks); any writes the table")
+    cache_gb: float = flag(None, "GB of decoded images kept in memory; the rest stream (default: NANOPETL_MAX_GB, 8)",
+                           ok=lambda v, c: v >= 0, what="a number of GB >= 0 (0: stream every split from disk)")
+    shard: str = flag(None, "i/n: run the planned runs whose index %% n == i, one of n jobs on one --out (no locks)")
     out: str = flag("runs/fewshot", "output folder")
     plot: bool = flag(False, "write accuracy_vs_shots.png")
 
@@ -134,7 +123,7 @@ EMBEDDED = dict(max_steps=100, norm="inception")
 # what trains a run: in every line's protocol and key (img_size, norm and aug are added as resolved per task)
 PROTOCOL = ("optimizer", "lr", "lr_scale", "wd", "epochs", "max_steps", "warmup", "batch", "head_init", "amp", "grid",
             "grid_lr", "grid_wd", "schedule", "warmup_lr", "min_lr", "label_smoothing", "mixup", "cutmix", "reprob",
-            "drop_path", "drop_last", "prune", "prune_tokens", "prune_segments", "prune_grid")
+            "drop_path", "drop_last", "prune", "prune_tokens", "prune_segments", "prune_grid", "eval_dtype")
 PRUNING = ("prune", "prune_tokens", "prune_segments", "prune_grid")  # in the key only of methods that prune
 
 # The papers' protocols. Each value: (value, where the official code sets it). `options` are methods' constructor
@@ -153,7 +142,8 @@ VPT_SOLVER = {  # KMnP/vpt's training, which ChengHan111/E2VPT (a fork) keeps
     "schedule": ("epoch", VPT + "src/engine/trainer.py:221 (scheduler.step() per epoch), "
                                 "src/solver/lr_scheduler.py:56-64 (epoch 0 at lr 0)"),
     "head_init": ("kaiming", VPT + "src/models/mlp.py:53-57, src/models/vit_models.py:164 (Kaiming-normal "
-                                   "fan_out, bias -log(99))")}
+                                   "fan_out, bias -log(99))"),
+    "eval_dtype": ("fp32", VPT + "src/engine/trainer.py (no autocast or half anywhere in src/)")}
 RECIPES = {
     "nanopetl": {},  # Config's defaults: NOAH's optimiser and schedule without its augmentation (module docstring)
     "noah": {
@@ -175,6 +165,7 @@ RECIPES = {
         "drop_path": (0.1, NOAH + "supernet_train_prompt.py:59,305 (--drop-path; the model trains in train mode, "
                                   "supernet_engine_prompt.py:57)"),
         "drop_last": (True, NOAH + "supernet_train_prompt.py:280"),
+        "eval_dtype": ("fp32", NOAH + "supernet_train_prompt.py:428 (amp False), supernet_engine_prompt.py:170-172"),
         "head_init": ("trunc_normal", NOAH + "model/supernet_vision_transformer_timm.py:686 (_init_vit_weights)"),
         "options": ({"vpt": dict(dropout=0.1, init="xavier"), "lora": dict(targets=["qkv"], dropout=0.1, alpha=None)},
                     NOAH + "supernet_train_prompt.py:207-208 (prompt and LoRA dropout 0.1); model/supernet_vision_"
@@ -270,7 +261,7 @@ def method_options(name, cfg):
         return dict(checkpoint=cfg.pvp_init)
     recipe = RECIPES.get(getattr(cfg, "recipe", None), {}).get("options", ({}, ""))[0].get(name, {})
     return {**takes, **{o: d for o, d in FLAGS.values() if o in takes}, **recipe,
-            **{k: v for k, v in plumbing.given_options(cfg, FLAGS).items() if k in takes}}
+            **plumbing.fit_options(plumbing.given_options(cfg, FLAGS), takes)}
 
 
 def build(name, vit, num_classes, cfg):
@@ -313,9 +304,10 @@ def learning_rate(cfg, base, t, epoch, total, epochs):
     """The lr at step t of `total` (in epoch `epoch` of `epochs`): linear warmup over the first cfg.warmup of the
     schedule, then cosine down to cfg.min_lr. schedule "step" counts steps; "epoch" (VPT, src/solver/lr_scheduler.py)
     counts epochs, so epoch 0 runs at lr 0 and the cosine starts after warmup; "timm" (NOAH: timm's
-    CosineLRScheduler) counts epochs and runs the cosine over all of them, the warmup laid over its start.
+    CosineLRScheduler) counts epochs and runs the cosine over all of them, the warmup laid over its start, on NOAH's
+    clock: stepped after each epoch (supernet_train_prompt.py:414), so epoch e runs at the lr of e-1 (0 and 1 alike).
     warmup_lr None: the ramp starts at base/warmup steps (step) or 0 (epoch); else at warmup_lr."""
-    pos, span = (t, total) if cfg.schedule == "step" else (epoch, epochs)
+    pos, span = (t, total) if cfg.schedule == "step" else (max(epoch - (cfg.schedule == "timm"), 0), epochs)
     warm = int(cfg.warmup * span)
     if pos < warm:
         start = cfg.warmup_lr
@@ -336,18 +328,16 @@ def mixer(cfg, num_classes):
 def train(model, split, task, cfg, device, *, seed, lr=None, desc="train", start=None, opt_state=None, on_save=None,
           save_every=0, distributed=False):
     """AdamW or SGD with warmup then cosine (learning_rate); `epochs` passes capped at `max_steps` steps. The loss is
-    cross-entropy with cfg.label_smoothing, on MixUp/CutMix soft targets when they are on (images only: the linear
-    probe's features are not mixed); cfg.drop_path turns on the frozen backbone's stochastic depth while it trains.
-    Each epoch reseeds from (seed, epoch). on_save(position, opt) is called after every epoch and every `save_every`
-    steps; the position holds the epoch, the batches done in it, the step, and mid-epoch the order's generator and
-    the RNG states, so a run resumed from it (start=position, opt_state) replays exactly, mid-epoch too.
-    distributed=True (pvp_pretrain under torchrun): one model over all ranks, DDP averaging the gradients."""
+    cross-entropy with cfg.label_smoothing, on MixUp/CutMix soft targets when they are on (images only);
+    cfg.drop_path turns on the frozen backbone's stochastic depth. Each epoch reseeds from (seed, epoch).
+    on_save(position, opt) runs after every epoch and every `save_every` steps: resumed from it (start=position,
+    opt_state), a run replays exactly. distributed=True (pvp_pretrain under torchrun): DDP over all ranks."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed and dist.is_initialized() else (0, 1)
     net = DDP(model) if world > 1 else torch.compile(model) if cfg.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.ndim > 1], weight_decay=cfg.wd),
               dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)]  # no decay on biases (VPT)
-    lr = (lr or cfg.lr) * (min(cfg.batch, len(split)) / 256 if cfg.lr_scale else 1)
+    lr = (lr or cfg.lr) * (cfg.batch / 256 if cfg.lr_scale else 1)  # the configured batch (VPT: tune_fgvc.py:31)
     opt = (torch.optim.AdamW(groups, lr=lr) if cfg.optimizer == "adamw" else
            torch.optim.SGD(groups, lr=lr, momentum=0.9))
     if opt_state:
@@ -419,12 +409,12 @@ def drop_path_on(model, rate):
 
 
 @torch.inference_mode()
-def evaluate(model, split, task, device, batch=256, compile=False):
-    """Top-1 accuracy (%) of `model` on `split`, in eval mode, in bf16 on CUDA."""
+def evaluate(model, split, task, device, batch=256, compile=False, bf16=True):
+    """Top-1 accuracy (%) of `model` on `split`, in eval mode, in bf16 on CUDA unless bf16=False (--eval-dtype)."""
     net = torch.compile(model.eval()) if compile else model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
     for x, y in batches(split, task, device, batch, train=False):
-        with plumbing.autocast(device, True):
+        with plumbing.autocast(device, bf16):
             correct += (net(x).argmax(-1) == y).sum()  # summed on the device: no sync per batch
     return 100.0 * correct.item() / len(split)
 
@@ -439,9 +429,9 @@ def features(model, split, task, device, batch=256):
 
 @torch.inference_mode()
 def init_head(model, split, task, device, how):
-    """zero: the head starts at 0. prototype: row c is the support set's mean feature of class c, L2-normalised
-    (each feature normalised first), bias 0 -- a nearest-class-mean classifier by dot product. trunc_normal: std
-    0.02, bias 0 (timm's, NOAH's). kaiming: Kaiming-normal (fan_out), bias -log(99), a 1% prior (VPT's MLP head)."""
+    """zero: the head starts at 0. prototype: row c is the support set's mean normalised feature of class c,
+    normalised (a nearest-class-mean classifier by dot product). trunc_normal: std 0.02, bias 0 (timm's, NOAH's).
+    kaiming: Kaiming-normal (fan_out), bias -log(99), a 1% prior (VPT's MLP head)."""
     nn.init.zeros_(model.head.weight), nn.init.zeros_(model.head.bias)
     if how == "trunc_normal":
         nn.init.trunc_normal_(model.head.weight, std=0.02)
@@ -456,33 +446,34 @@ def init_head(model, split, task, device, how):
         model.head.weight.copy_(F.normalize(means, dim=-1))
 
 
-def count(params):
-    return sum(p.numel() for p in params)
 # -----------------------------------------------------------------------------
 # one run: fit, evaluate, and --grid's search
 
 
-def run_one(name, task, backbone, cfg, device, seed, test=True):
+def run_one(name, task, backbone, cfg, device, seed, test=True, masks=None):
     """Train method `name` on task.train (fit), then top-1 on val (and test): the record's numbers."""
-    model, out = fit(name, task, backbone, cfg, device, seed)
-    out["val_top1"] = evaluate(model, task.val, task, device, compile=cfg.compile)
-    return out | (dict(test_top1=evaluate(model, task.test, task, device, compile=cfg.compile)) if test else {})
+    model, out = fit(name, task, backbone, cfg, device, seed, masks)
+    top1 = functools.partial(evaluate, task=task, device=device, compile=cfg.compile, bf16=cfg.eval_dtype == "bf16")
+    return out | dict(val_top1=top1(model, task.val)) | (dict(test_top1=top1(model, task.test)) if test else {})
 
 
-def fit(name, task, backbone, cfg, device, seed):
+def fit(name, task, backbone, cfg, device, seed, masks=None):
     """(the trained model, {trainable, config, ...}): a fresh copy of `backbone` wrapped by the method. `pvp` follows
-    its module's recipe: pruning (E2VPT), merging (LoRA)."""
+    its module's recipe: pruning (E2VPT), merging (LoRA). masks: E2VPT's searched (token, segment) masks, set from the
+    start, trained once (the official final runs)."""
     torch.manual_seed(seed)
     model = build(name, copy.deepcopy(backbone), task.num_classes, cfg).to(device)
+    if masks is not None:
+        model.token_mask.copy_(masks[0]), model.segment_mask.copy_(masks[1]), model.rewind(fresh=name != "pvp")
     lr = cfg.lr * LR_FACTOR.get(name, 1.0)
     init_head(model, task.train, task, device, cfg.head_init)
-    out = dict(trainable=count(p for p in model.parameters() if p.requires_grad), config=model.config)
+    out = dict(trainable=plumbing.count(p for p in model.parameters() if p.requires_grad), config=model.config)
     if type(model) is LinearProbe:  # the backbone is frozen and deterministic: its features once, then the head alone
         train(model.head, features(model, task.train, task, device), task, cfg, device, seed=seed, lr=lr,
               desc=f"{name} {task.name}")
     else:
         train(model, task.train, task, cfg, device, seed=seed, lr=lr, desc=f"{name} {task.name}")
-    if prunes(model) and cfg.prune != "none" and model.config["num_prompts"]:  # E2VPT Sec. 3.3 (visual prompts)
+    if prunes(model) and cfg.prune != "none" and model.config["num_prompts"] and masks is None:  # E2VPT Sec. 3.3
         model, out["pruned"], out["prune_grid"] = prune_and_retrain(name, model, task, cfg, device, seed, lr)
     if hasattr(model, "merge"):  # LoRA: fold B·A into the frozen weights, zero-overhead inference
         model.merge()
@@ -490,11 +481,10 @@ def fit(name, task, backbone, cfg, device, seed):
 
 
 def prune_and_retrain(name, model, task, cfg, device, seed, lr):
-    """(the retrained model, what it kept, the [token, segment, val] grid or None). --prune nanopetl: |grad| scores
-    (a token by its segments', see e2vpt.importance), --prune-tokens x --prune-segments, rewind to the starting
-    values. official (ChengHan111/E2VPT src/engine/trainer.py:359-470): signed scores, the token mask's own, every
-    pair of --prune-grid tried and the best on val kept (ties: the first, least pruned), a fresh random rewind. A
-    pvp module always rewinds to its pre-trained values: a fresh draw would throw PVP away."""
+    """(the retrained model, what it kept, the [token, segment, val] grid or None). --prune nanopetl: |grad| scores (a
+    token by its segments'), --prune-tokens x --prune-segments, rewind to the start. official (ChengHan111/E2VPT
+    src/engine/trainer.py:359-470): signed scores, the token mask's own, every pair of --prune-grid tried and the best
+    on val kept, a fresh random rewind. A pvp module rewinds to its pre-trained values (a fresh draw drops PVP)."""
     official = cfg.prune == "official"
     scores = model.importance(batches(task.train, task, device, min(cfg.batch, len(task.train)), train=False),
                               signed=official, token_from="mask" if official else "segments")
@@ -504,12 +494,15 @@ def prune_and_retrain(name, model, task, cfg, device, seed, lr):
     for tokens, segments in pairs:
         m = copy.deepcopy(model) if len(pairs) > 1 else model
         kept = m.prune(tokens, segments, scores)
+        if any(g[3:] == [kept["tokens"], kept["segments"]] for g in grid):
+            continue  # the masks of a pair tried before (E2VPT: 72 of the 81 pairs differ)
         m.rewind(fresh=official and name != "pvp")
         init_head(m, task.train, task, device, cfg.head_init)
         train(m, task.train, task, cfg, device, seed=seed, lr=lr, desc=f"{name} {task.name} pruned {tokens}/{segments}")
         if len(pairs) > 1:  # chosen on val, never on test
-            grid.append([tokens, segments, evaluate(m, task.val, task, device)])
-        if best is None or grid[-1][2] > best[2]:
+            grid.append([tokens, segments, evaluate(m, task.val, task, device, bf16=cfg.eval_dtype == "bf16"),
+                         kept["tokens"], kept["segments"]])
+        if best is None or (grid[-1][2], -kept["tokens"]) > (best[2], -best[1]["tokens"]):  # ties: more pruned
             best = (m, dict(kept, fractions=[tokens, segments]), grid[-1][2] if grid else None)
     return best[0], best[1], grid or None
 
@@ -520,12 +513,22 @@ def prunes(model_or_class):  # E2VPT's hooks: train, score, prune, rewind, train
 
 def search(name, task, backbone, cfg, device, seed):
     """--grid: train at every lr x wd, score on task.val at the last step (test is never touched); keep the best,
-    ties to the smaller lr (VPT's rule). Returns the config with that lr and wd, and the grid as [lr, wd, val]."""
-    grid = [[lr, wd, run_one(name, task, backbone, dataclasses.replace(cfg, lr=lr, wd=wd), device, seed,
-                             test=False)["val_top1"]]
-            for lr in map(float, cfg.grid_lr.split(",")) for wd in map(float, cfg.grid_wd.split(","))]
+    ties to the smaller lr (VPT's rule). --prune official searches as E2VPT (tune_vtab_PruningRewind_CVK.py:555-625):
+    lr x wd without pruning, then at the choice one training, its scores and the pair grid (prune_and_retrain), whose
+    masks every seed then trains once. Returns (the config, the [lr, wd, val] grid, the masks or None)."""
+    points = [(lr, wd) for lr in map(float, cfg.grid_lr.split(",")) for wd in map(float, cfg.grid_wd.split(","))]
+    pairs = cfg.prune == "official" and prunes(METHODS[name]) and len(cfg.prune_grid.split(",")) ** 2
+    tqdm.write(f"--grid {name} on {task.name}: {len(points)} lr x wd trainings" + f", then 1 and at most {pairs} "
+               "pair trainings (pairs of equal masks train once)" * bool(pairs) + ", then one per seed")
+    plain = dataclasses.replace(cfg, prune="none") if pairs else cfg
+    grid = [[lr, wd, run_one(name, task, backbone, dataclasses.replace(plain, lr=lr, wd=wd), device, seed,
+                             test=False)["val_top1"]] for lr, wd in points]
     lr, wd, _ = max(grid, key=lambda g: (g[2], -g[0]))
-    return dataclasses.replace(cfg, lr=lr, wd=wd), grid
+    chosen = dataclasses.replace(cfg, lr=lr, wd=wd)
+    if not pairs:
+        return chosen, grid, None
+    model, out = fit(name, task, backbone, chosen, device, seed)
+    return chosen, grid, (model.token_mask, model.segment_mask, out["pruned"], out["prune_grid"])
 
 
 def search_task(cfg, task, shots, seed, backbone):
@@ -540,31 +543,24 @@ def search_task(cfg, task, shots, seed, backbone):
 # the sweep: every run's identity, the runs not done yet, one results line each
 
 
-def run_identity(name, task, cfg, backbone_hash, options):
-    """Everything that determines a run's numbers, as JSON: the method and its resolved options (for pvp: the module
-    type, options and content hash), the data (name, resolved root, fingerprint of the files or pixels read), the
-    task, shots and seed, the protocol with image size, normalisation and augmentation as resolved, and the
-    backbone's weights by content. Paths are not part of it: a moved file is the same run, a replaced one is not."""
-    cls = METHODS[options["method"]] if name == "pvp" else METHODS[name]
-    protocol = {k: getattr(cfg, k) for k in PROTOCOL if k not in PRUNING or prunes(cls)}
-    m = task.meta
-    return dict(method=name, options=options, data=dict(
-        dataset=task.name, root=m.get("root") and str(Path(m["root"]).resolve()), fingerprint=m["fingerprint"]),
-        shots=m["shots"] or "all", seed=m["seed"], protocol=protocol | dict(
-            img_size=task.img_size, mean=task.mean, std=task.std, aug=task.train_aug), backbone=backbone_hash)
+def protocol_of(name, options, cfg):
+    """(what of the protocol trains run `name`, the registry entry whose code runs): pruning only for what prunes."""
+    build = METHODS[options["method"]] if name == "pvp" else METHODS[name]
+    return {k: getattr(cfg, k) for k in PROTOCOL if k not in PRUNING or prunes(build)}, build
 
 
 def one(record, m, task, k, s, cfg, backbone, device, chosen):
     """Run `m` on `task` (k shots, seed s) into `record`: its numbers, or why it failed. --grid searches once per
     method, task and shots, on the first seed's support set, and every seed runs the choice."""
     try:
-        run_cfg = cfg
+        run_cfg, masks = cfg, None
         if cfg.grid:
             if (m, task.name, k) not in chosen:
                 chosen[m, task.name, k] = search(m, search_task(cfg, task, k, s, backbone), backbone, cfg, device, s)
-            run_cfg, grid = chosen[m, task.name, k]
-            record |= dict(grid=grid, chosen=dict(lr=run_cfg.lr, wd=run_cfg.wd))
-        record |= run_one(m, task, backbone, run_cfg, device, s) | dict(status="ok")
+            run_cfg, grid, masks = chosen[m, task.name, k]
+            record |= dict(grid=grid, chosen=dict(lr=run_cfg.lr, wd=run_cfg.wd) | (masks and dict(
+                pruned=masks[2], prune_grid=masks[3]) or {}))
+        record |= run_one(m, task, backbone, run_cfg, device, s, masks=masks) | dict(status="ok")
     except Diverged as e:
         tqdm.write(f"failed: {m} on {task.name}, {k}-shot, seed {s}: {e}")
         record |= dict(status="failed", error=str(e))
@@ -574,10 +570,11 @@ def one(record, m, task, k, s, cfg, backbone, device, chosen):
 def sweep(cfg, plan, methods, configs, module, backbone, backbone_name, device, rank, world):
     """Run every planned run not in --out's results.jsonl yet; append its line as it finishes. Sweeps on one --out split
     the runs (a claim each); --shard i/n and ranks take every n-th. Returns the planned keys."""
-    out, backbone_params, backbone_hash = Path(cfg.out), count(backbone.parameters()), plumbing.weights_hash(backbone)
+    out, backbone_params = Path(cfg.out), plumbing.count(backbone.parameters())
+    backbone_hash = plumbing.weights_hash(backbone)
     results = out / "results.jsonl"
     done = plumbing.finished(results, warn=rank == 0)
-    chosen, planned, n = {}, [], -1  # --grid: (method, task, shots) -> (config, grid)
+    chosen, planned, n, said = {}, [], -1, set()  # --grid: (method, task, shots) -> (config, grid)
     shard, shards = map(int, (cfg.shard or "0/1").split("/"))  # --shard i/n: this job runs index % n == i
     total = len(plan) * len(methods) * (5 if cfg.data == "synthetic" else 1)
     bar = tqdm(total=total, desc="runs" if world == 1 else f"runs of rank {rank}", dynamic_ncols=True)
@@ -589,7 +586,9 @@ def sweep(cfg, plan, methods, configs, module, backbone, backbone_name, device, 
             task.train_aug = cfg.aug or task.train_aug
             task.val, task.test = data.on_device(task.val, device), data.on_device(task.test, device)
             for m in methods:
-                identity = run_identity(m, task, cfg, backbone_hash, module if m == "pvp" else configs[m])
+                options = module if m == "pvp" else configs[m]
+                identity = plumbing.run_identity(m, task, cfg, backbone_hash, options, device, *protocol_of(m, options,
+                                                                                                             cfg))
                 key, n = plumbing.run_key(identity), n + 1
                 planned.append(key)
                 if key in done or n % shards != shard or n // shards % world != rank:
@@ -600,6 +599,7 @@ def sweep(cfg, plan, methods, configs, module, backbone, backbone_name, device, 
                     lock and lock.close()  # another sweep has it or did it
                     bar.update()
                     continue
+                plumbing.say_why(key, identity, done, said)
                 bar.set_description(f"{m} {task.name} {k or 'all'}-shot seed {s}")
                 t0 = time.time()
                 record = plumbing.record(key, m, identity, task, k, s, cfg, backbone_name, backbone_params, device)
@@ -618,12 +618,12 @@ def main(argv=None):
     methods, shots, seeds, configs = plumbing.check_sweep(cfg, METHODS, RECIPES, FLAGS, method_options)
     rank, world, device = plumbing.init_distributed(cfg.device)  # under torchrun each rank takes every world-th run
     backbone, backbone_name = plumbing.load_backbone(cfg.weights, cfg.arch, cfg.img_size)
-    backbone_params, backbone_hash = count(backbone.parameters()), plumbing.weights_hash(backbone)
+    backbone_params, backbone_hash = plumbing.count(backbone.parameters()), plumbing.weights_hash(backbone)
     module = None
     if "pvp" in methods:  # its module, read and checked once before any run
         cfg = dataclasses.replace(cfg, pvp_init=str(cfg.pvp_init or plumbing.embedded_pvp(backbone, METHODS)))
         meta, tensors = plumbing.read_module(cfg.pvp_init, backbone, METHODS)
-        module = dict(method=meta["method"], config=meta["config"], hash=plumbing.tensors_hash(tensors))
+        module = plumbing.module_identity(meta, tensors)
     print(f"nanoPETL few-shot: {', '.join(methods)} on {cfg.data} x shots {cfg.shots} x seeds {cfg.seeds}, "
           f"backbone {backbone_name} ({backbone_params:,} params, weights {backbone_hash}) on {device}"
           f"{' (torch.compile)' * cfg.compile}\nprotocol (recipe {cfg.recipe}): "

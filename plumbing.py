@@ -8,11 +8,13 @@ in what it must know (the registry of methods, the recipes, their Config class) 
 """
 import argparse
 import ast
+import functools
 import dataclasses
 import datetime
 import errno
 import fcntl
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -180,13 +182,20 @@ def given_options(cfg, named):
     return out
 
 
+def fit_options(given, takes):
+    """The given options a method takes ({option: default}), each in its default's kind where the command line could
+    not tell: a one-item list option given as a word (--opt targets=qkv) is the list ['qkv']."""
+    return {k: [v] if isinstance(takes[k], (tuple, list)) and isinstance(v, str) else v
+            for k, v in given.items() if k in takes}
+
+
 def check_type(method, name, value, default):
     """An option's value of the kind its default is (bool, whole number, finite number, list): one UsageError."""
     kinds = [(bool, lambda v: isinstance(v, bool), "True or False"),
              (int, lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
              (float, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
               "a finite number"),
-             ((tuple, list), lambda v: isinstance(v, (tuple, list)), "a list, e.g. ('q','v')")]
+             ((tuple, list), lambda v: isinstance(v, (tuple, list)), "a list (on the command line: NAME=a,b)")]
     for kind, ok, what in kinds:
         if isinstance(default, kind):
             need(ok(value), f"{method}'s option {name} is {what} (its default is {default!r}), got {value!r}")
@@ -310,6 +319,10 @@ def tensors_hash(tensors):
     return h.hexdigest()[:16]
 
 
+def count(params):
+    return sum(p.numel() for p in params)
+
+
 def weights_hash(model):
     """A backbone's fingerprint by content, head excluded (a module checkpoint records it; so does every run)."""
     return tensors_hash({k: v for k, v in model.state_dict().items() if not k.startswith("head.")})
@@ -368,7 +381,6 @@ MODULE_HEADER = dict(method=str, config=dict, backbone=str, backbone_hash=str)  
 
 def options_of(build):
     """{option: default} of a registry entry: its keyword-only arguments, num_classes aside."""
-    import inspect
     return {n: p.default for n, p in inspect.signature(build).parameters.items()
             if p.kind == p.KEYWORD_ONLY and n != "num_classes"}
 
@@ -525,17 +537,19 @@ def embedded_backbone():
 
 
 def embedded_pvp(backbone, registry):
-    """The embedded PVP prompts (VPT-deep pre-trained on the synthetic PVP source), built when missing or when they
-    were made on another backbone."""
+    """The embedded PVP prompts (VPT-deep pre-trained on the synthetic PVP source), built when missing, or again when
+    they were made on another backbone or by other code."""
     path = CHECKPOINTS / "pvp_vpt_vit_synthetic.safetensors"
     try:
-        stale = path.exists() and module_header(path, registry)["backbone_hash"] != weights_hash(backbone)
+        meta = module_header(path, registry) if path.exists() else None
+        stale = meta and (meta["backbone_hash"] != weights_hash(backbone) or meta.get("recipe", {}).get("code") !=
+                          code_of(registry["vpt"], files=(*RUNS, "pvp_pretrain.py")))
     except vitlib.CheckpointError:
         stale = True
     if not path.exists() or stale:
         pretrain_once(path, "pvp_pretrain.py", ["--weights", str(embedded_backbone()), "--arch", "vit_synthetic",
                                                 *EMBEDDED_BUILD], "the embedded PVP prompts" +
-                      " (the backbone changed)" * stale)
+                      " (the backbone or the code changed)" * bool(stale))
     return path
 
 # -----------------------------------------------------------------------------
@@ -639,6 +653,77 @@ def check_options(cfg, methods, arch, registry, named, method_options):
 
 # -----------------------------------------------------------------------------
 # a run's key, the results file (lines appended under a lock, read back whatever is in it), claims
+
+
+RUNS = ("fewshot.py", "plumbing.py", "vit.py", "data.py")  # the sources every run executes, besides its method's
+
+
+@functools.lru_cache(maxsize=None)
+def source_hash(path):
+    """A source file by what it executes: its syntax tree (comments and blank lines are not in it; docstrings are)."""
+    return hashlib.sha256(ast.dump(ast.parse(Path(path).read_text())).encode()).hexdigest()[:16]
+
+
+def code_of(*builds, files=RUNS):
+    """{file: source_hash} of `files` (in the project folder) and of the files defining the registry entries
+    `builds` (a class, a function, or a functools.partial of one): the code a run's numbers come from."""
+    paths = [HERE / f for f in files] + [Path(inspect.getsourcefile(getattr(b, "func", b))) for b in builds]
+    return {p.name: source_hash(str(p)) for p in sorted(set(paths))}
+
+
+def normal(value):
+    """A value as a key holds it: JSON's kinds, a whole float as an int (--opt init_std=0 and 0.0 are one run)."""
+    if isinstance(value, dict):
+        return {k: normal(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [normal(v) for v in value]
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def why_again(identity, done):
+    """Why a run whose key is not in the results file runs although a line for the same run is there: its code
+    changed (which files), it runs elsewhere, or the line was written before code was keyed; else None."""
+    def same(i):  # the identity but for the code, what built a pvp module, and where it ran
+        i = {k: v for k, v in normal(i).items() if k not in ("code", "run")}
+        return i | dict(options={k: v for k, v in i["options"].items() if k != "built_by"})
+    mine = same(identity)
+    for r in done.values():
+        theirs = r.get("identity")
+        if isinstance(theirs, dict) and same(theirs) == mine:
+            if "code" not in theirs:
+                return "its line in results.jsonl was written before the code was keyed"
+            changed = sorted(f for f in {*identity["code"], *theirs["code"]}
+                             if identity["code"].get(f) != theirs["code"].get(f))
+            if changed or identity["options"] != normal(theirs["options"]):
+                return f"the code changed since its line in results.jsonl ({', '.join(changed) or 'its module'})"
+            return f"its line in results.jsonl ran elsewhere ({theirs.get('run')}, now {identity['run']})"
+    return None
+
+
+def say_why(key, identity, done, said):
+    """Say once per reason why a run runs again (why_again), on a line of its own above the bars."""
+    if (why := why_again(identity, done)) and why not in said:
+        said.add(why)
+        tqdm.write(f"{key.rsplit('|', 1)[0]}: {why}: re-running it (and every run like it)", file=sys.stderr)
+
+
+def module_identity(meta, tensors):
+    """What a pvp run's key holds of its module: type, options, content, and the code that built it."""
+    return dict(method=meta["method"], config=meta["config"], hash=tensors_hash(tensors),
+                built_by=meta.get("recipe", {}).get("code"))
+
+
+def run_identity(name, task, cfg, backbone_hash, options, device, protocol, build):
+    """Everything that determines a run's numbers, as JSON: the method and its options (pvp: its module's type, options,
+    content and code), the data (name, root, fingerprint of the files or pixels read), task, shots, seed, `protocol`
+    with the image size, normalisation and augmentation as resolved, the backbone's weights by content, the code
+    (code_of `build`), and where it ran. Paths are not in it: a moved file is the same run, a replaced one is not."""
+    m = task.meta
+    return normal(dict(method=name, options=options, data=dict(
+        dataset=task.name, root=m.get("root") and str(Path(m["root"]).resolve()), fingerprint=m["fingerprint"]),
+        shots=m["shots"] or "all", seed=m["seed"], protocol=protocol | dict(
+            img_size=task.img_size, mean=task.mean, std=task.std, aug=task.train_aug), backbone=backbone_hash,
+        code=code_of(build), run=dict(device=device.type, torch=torch.__version__, compile=cfg.compile)))
 
 
 def run_key(identity):
@@ -788,6 +873,21 @@ def record(key, m, identity, task, k, s, cfg, backbone_name, backbone_params, de
                 num_classes=task.num_classes, backbone_params=backbone_params, compiled=cfg.compile, device=str(device))
 
 
+def vtab_lines(done, records):
+    """For each row of this command's VTAB-1k runs, both VTAB-1k averages (data.vtab_averages) over the tasks in the
+    results file that ran like it (method, options, shots, protocol, backbone), each task's mean over its seeds."""
+    like = lambda r: json.dumps([r["identity"].get(k) for k in ("method", "options", "shots", "protocol", "backbone")],
+                                sort_keys=True)  # noqa: E731
+    vtab = [r for r in done.values() if r.get("status") == "ok" and str(r.get("dataset")).startswith("vtab1k:") and
+            isinstance(r.get("identity"), dict)]
+    for kind in dict.fromkeys(like(r) for r in records if r in vtab):
+        per_task = {}
+        for r in (r for r in vtab if like(r) == kind):
+            per_task.setdefault(r["dataset"].split(":", 1)[1], []).append(r["test_top1"])
+        row = next(r["row"] for r in vtab if like(r) == kind)
+        print(f"{row}: " + data.vtab_averages({t: sum(v) / len(v) for t, v in per_task.items()}))
+
+
 def write_table(cfg, methods, planned, backbone_name, backbone_hash, backbone_params):
     """After the sweep: print the table of this command's runs (what the results file holds of `planned`, with what
     other ranks or sweeps on this --out wrote), save it as summary.md, and the plot with --plot."""
@@ -801,6 +901,7 @@ def write_table(cfg, methods, planned, backbone_name, backbone_hash, backbone_pa
     if failed := sum(r["status"] != "ok" for r in records):
         print(f"{failed} runs failed (their lines in {results} say why); the table leaves them out", file=sys.stderr)
     print(table)
+    vtab_lines(done, records)
     if cfg.weights is None and not {"linear", "vpt"} <= set(methods):  # the main job: what to put beside it
         print(f"How to read it: PVP's claim is against the same prompts started at random and the linear probe; "
               f"run them on the same tasks with: python fewshot.py --method linear,vpt,{cfg.method} --shots "

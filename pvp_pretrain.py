@@ -110,7 +110,8 @@ def recipe(args, backbone_hash, config):
         data_root=args.data_root and str(Path(args.data_root).resolve()),
         per_class=args.per_class if args.data.startswith("synthetic") else None,
         norm=args.norm, seed=args.seed, epochs=args.epochs, lr=args.lr, wd=args.wd, batch=args.batch,
-        warmup=args.warmup, optimizer=args.optimizer, amp=args.amp, max_steps=args.max_steps, img_size=args.img_size)))
+        warmup=args.warmup, optimizer=args.optimizer, amp=args.amp, max_steps=args.max_steps, img_size=args.img_size,
+        code=plumbing.code_of(fewshot.METHODS[args.method], files=(*plumbing.RUNS, "pvp_pretrain.py")))))
 
 
 def pretrain(args, backbone, backbone_name):

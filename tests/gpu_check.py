@@ -16,8 +16,8 @@ Six checks, each pass / fail / skipped with its figure, one row per method or ca
   speed     ViT-B/16 forward and a VPT-deep training step in bf16 at batch 128: ours against timm's
             VisionTransformer with the same weights, in one process (images/s, ours/timm, share of the card's bf16
             peak counted from FLOPs), eager and under torch.compile (compiled in a child process with a timeout)
-  data      the path that feeds the GPU: JPEG decode as data.load_task does it today, fewshot.batches to the device,
-            and torchvision's ImageFolder + DataLoader with the machine's workers: is the loader the bottleneck?
+  data      the path that feeds the GPU: JPEG decode as data.load_task does it (data.decode), fewshot.batches to the
+            device, and torchvision's ImageFolder + DataLoader with the machine's workers: is the loader the bottleneck?
   torchrun  a sweep (fewshot.py) and a pre-training (pvp_pretrain.py) under torchrun: 2 processes over NCCL with 2+
             GPUs, else 1 process; on the CPU over gloo (2 processes, 1 with --tiny)
   e2e       the main job, `python fewshot.py --method pvp --shots 1` (building the embedded backbone and prompts
@@ -612,14 +612,14 @@ def check_data(ctx):
     n = size["classes"] * size["per_class"]
     figures = ctx.report.checks["data"]["figures"]
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    # today's path: data.load_task decodes every split once (PIL, threads) into uint8 tensors
+    # the kept path: data.load_task decodes every split once (data.decode: torchvision.io for 8-bit JPEGs, threads)
     t = time.time()
     [task] = data.load_task("imagefolder", root, shots=None, seed=0, img_size=side)
     decode = n / (time.time() - t)
     figures["load_task"] = decode
     ctx.row("data.load_task decode", len(task.train) + len(task.val) + len(task.test) == n,
-            f"{decode:,.0f} img/s", f"{n} JPEGs {size['jpeg'][0]}x{size['jpeg'][1]} -> {side} px, PIL in "
-            f"{min(8, 2 * (os.cpu_count() or 1))} threads, once per split")
+            f"{decode:,.0f} img/s", f"{n} JPEGs {size['jpeg'][0]}x{size['jpeg'][1]} -> {side} px, torchvision.io "
+            f"decode in {min(8, 2 * (os.cpu_count() or 1))} threads, once per split")
     # then every training batch: fewshot.batches (index, copy to the device, crop + flip, normalise)
     g, seen, t = torch.Generator().manual_seed(0), 0, time.time()
     while seen < 4 * len(task.train) or time.time() - t < size["seconds"]:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import e2vpt
+import fewshot
 import lora
 import plumbing
 import vit
@@ -26,6 +27,9 @@ METHODS = {  # small settings on the tiny ViT; every generic test runs on each
     "lora": lambda v, **kw: lora.LoRA(v, rank=4, **kw),
     "lora-all": lambda v, **kw: lora.LoRA(v, rank=2, targets=("q", "k", "v", "proj"), dropout=0.1, **kw),
 }
+BASELINES = ("linear", "full", "pvp")  # no module of their own beside a frozen backbone: tests/test_registry.py's
+METHODS |= {name: (lambda v, name=name, **kw: fewshot.METHODS[name](v, **kw))  # a new registry entry, at its defaults
+            for name in fewshot.METHODS if name not in METHODS and name not in BASELINES}
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -59,9 +59,26 @@ def test_the_schedules():
     assert lrs[0] == lrs[1] == 0.0 and lrs[2] == lrs[3] == 0.2 and lrs[20] == 2.0 and lrs[-1] < 1e-3
     noah = cfg(schedule="timm", warmup=0.1, warmup_lr=1e-6, min_lr=1e-5)
     lrs = [fewshot.learning_rate(noah, 5e-3, 0, e, 100, 100) for e in range(100)]
-    assert lrs[0] == 1e-6 and math.isclose(lrs[5], 1e-6 + 0.5 * (5e-3 - 1e-6))
-    assert math.isclose(lrs[10], 1e-5 + (5e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 10 / 100)))  # not shifted
-    assert min(lrs) == 1e-6 and min(lrs[10:]) > 1e-5
+    assert lrs[0] == lrs[1] == 1e-6 and math.isclose(lrs[6], 1e-6 + 0.5 * (5e-3 - 1e-6))  # one epoch behind
+    assert math.isclose(lrs[11], 1e-5 + (5e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 10 / 100)))
+
+
+def test_the_timm_schedule_runs_on_noahs_clock():
+    """Epoch by epoch, --recipe noah's lr equals timm's CosineLRScheduler as NOAH creates and steps it: created with
+    its arguments (supernet_train_prompt.py:88-107, timm's create_scheduler), the optimizer's lr read while an epoch
+    trains, step(epoch) after it (supernet_train_prompt.py:414)."""
+    from timm.scheduler import CosineLRScheduler
+    for base, epochs in ((5e-3, 100), (1e-3, 37)):
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base)
+        sched = CosineLRScheduler(opt, t_initial=epochs, lr_min=1e-5, warmup_lr_init=1e-6, warmup_t=int(0.1 * epochs),
+                                  cycle_limit=1, t_in_epochs=True)
+        theirs = []
+        for e in range(epochs):
+            theirs.append(opt.param_groups[0]["lr"])
+            sched.step(e + 0)  # after epoch e, as NOAH's loop does
+        cfg = fewshot.dataclasses.replace(fewshot.parse(["--recipe", "noah", "--weights", "x"]), lr=base)
+        ours = [fewshot.learning_rate(cfg, base, 0, e, epochs * 10, epochs) for e in range(epochs)]
+        assert all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(ours, theirs)), (ours, theirs)
 
 
 def tiny_task():
@@ -171,6 +188,29 @@ def test_official_pruning_chooses_the_pair_on_val_and_records_it(tmp_path):
     official, none = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     grid = official["prune_grid"]
     assert [g[:2] for g in grid] == [[0.25, 0.25], [0.25, 0.5], [0.5, 0.25], [0.5, 0.5]]
-    best = max(grid, key=lambda g: g[2])
+    best = max(grid, key=lambda g: (g[2], -g[3]))  # ties: the more pruned tokens (E2VPT's find_best_MtMtp)
     assert official["pruned"]["fractions"] == best[:2] and official["protocol"]["prune"] == "official"
     assert "pruned" not in none and none["key"] != official["key"]
+
+
+def test_e2vpt_official_search_trains_as_the_official_flow(tmp_path, monkeypatch, capsys):
+    """--grid --prune official: lr x wd without pruning (2), one training at the choice and the pair grid (4), then
+    every seed trains the chosen masks once from a fresh start (2 seeds): 2 + 1 + 4 + 2 trainings, the count said
+    before the search starts. Pairs whose masks are equal train once (0.9 of 16 segments keeps 4, as 0.8 does)."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in vit.vit_synthetic(num_classes=0).state_dict().items()},
+              tmp_path / "b.safetensors")
+    calls, real = [], fewshot.train
+    monkeypatch.setattr(fewshot, "train", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
+    argv = ["--weights", str(tmp_path / "b.safetensors"), "--arch", "vit_synthetic", "--data", "synthetic:shape",
+            "--shots", "1", "--seeds", "0,1", "--max-steps", "2", "--method", "e2vpt", "--prune", "official", "--grid",
+            "--grid-lr", "0.01,0.001", "--grid-wd", "0", "--out", str(tmp_path / "out")]
+    assert fewshot.main([*argv, "--prune-grid", "0.2,0.5"]) == 0
+    assert len(calls) == 2 + 1 + 4 + 2 and sum("pruned" in c for c in calls) == 4
+    assert "2 lr x wd trainings, then 1 and at most 4 pair trainings" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert all(r["chosen"]["pruned"] == rows[0]["chosen"]["pruned"] for r in rows) and "pruned" not in rows[0]
+    calls.clear()
+    assert fewshot.main([*argv, "--prune-grid", "0.8,0.9", "--out", str(tmp_path / "dedupe")]) == 0
+    assert sum("pruned" in c for c in calls) == 2  # 0.8 and 0.9 of 10 tokens differ (8, 9); of 16 segments not
