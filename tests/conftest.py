@@ -12,6 +12,11 @@ torch.set_num_threads(1)  # tiny models: one thread is faster, and safe when oth
 # those marked @pytest.mark.slow: the ones that took longest in a full run on this project's 2-core machine, kept so
 # that every test file keeps tests of its own in the lane. The full suite (what CI runs) runs them all.
 SLOW = {
+    "tests/test_gpu_check.py::test_a_failing_check_is_reported_failed_and_the_others_are_kept",
+    "tests/test_gpu_check.py::test_the_table_lists_every_check_and_is_printed",
+    "tests/test_faults.py::test_fault[bad-image-in-a-stream]",
+    "tests/test_recipes.py::test_e2vpt_official_search_trains_as_the_official_flow",
+    "tests/test_identity.py::test_two_image_folders_on_one_out_both_run",
     "tests/test_benches.py::test_a_bench_runs_in_its_micro_mode[bench_data.py]",
     "tests/test_benches.py::test_a_bench_runs_in_its_micro_mode[bench_fewshot.py]",
     "tests/test_benches.py::test_a_bench_runs_in_its_micro_mode[bench_vit.py]",

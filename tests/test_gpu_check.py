@@ -74,3 +74,11 @@ def test_a_failing_check_is_reported_failed_and_the_others_are_kept(tiny):
         assert checks[name] == before[name]
     assert "| **parity** | fail |" in (tmp / "out" / "gpu_check.md").read_text()
     assert "failed: parity" in r.stderr
+
+
+def test_one_check_alone_runs_and_reports(tmp_path):
+    """The quick lane's look at the acceptance script: --only train, every registered method trains a few steps."""
+    r = gpu_check(tmp_path, "--only", "train")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    train = report(tmp_path)["checks"]["train"]
+    assert train["status"] == "pass" and [row["name"] for row in train["rows"]] == list(fewshot.METHODS)
