@@ -9,10 +9,10 @@ by pvp_pretrain.py when missing, cached under checkpoints/).
 
 Read it in run order: the protocol (Config, RECIPES) -> the methods (METHODS) -> the training loop (train) ->
 evaluation -> one run (fit, run_one, search) -> the sweep -> main. The default recipe (nanopetl) is NOAH's few-shot
-recipe (ZhangYuanhan-AI/NOAH, configs/*/few-shot/*.sh) with the data's crop + flip instead of its RandAugment, mixup
-and cutmix; `full` trains at lr x 0.1, `linear` its head on frozen features. Runs report the last step: test never
-selects anything. Output in --out: results.jsonl (a line per run, keyed by all that makes its numbers: a re-run skips
-what is done), summary.md, the plot. Checks, files and keys live in plumbing.py; nothing there is a paper's idea.
+recipe (ZhangYuanhan-AI/NOAH, configs/*/few-shot/*.sh) without its augmentation and regularisers (docs/recipes.md
+lists every difference); `full` trains at lr x 0.1, `linear` its head on frozen features. Runs report the last step:
+test never selects anything. Output in --out: results.jsonl (a line per run, keyed by all that makes its numbers: a
+re-run skips what is done), summary.md, the plot. Checks, files and keys live in plumbing.py, no paper's idea.
 """
 import copy
 import dataclasses
@@ -166,7 +166,7 @@ RECIPES = {
                                   "supernet_engine_prompt.py:57)"),
         "drop_last": (True, NOAH + "supernet_train_prompt.py:280"),
         "eval_dtype": ("fp32", NOAH + "supernet_train_prompt.py:428 (amp False), supernet_engine_prompt.py:170-172"),
-        "head_init": ("trunc_normal", NOAH + "model/supernet_vision_transformer_timm.py:686 (_init_vit_weights)"),
+        "head_init": ("trunc_normal", NOAH + "supernet_train_prompt.py:551-555 (reset_classifier: std 0.02, bias 0)"),
         "options": ({"vpt": dict(dropout=0.1, init="xavier"), "lora": dict(targets=["qkv"], dropout=0.1, alpha=None)},
                     NOAH + "supernet_train_prompt.py:207-208 (prompt and LoRA dropout 0.1); model/supernet_vision_"
                            "transformer_timm.py:316-319 (prompts xavier_uniform_ per block), 224-228,277-281 (one A, "
@@ -512,23 +512,22 @@ def prunes(model_or_class):  # E2VPT's hooks: train, score, prune, rewind, train
 
 
 def search(name, task, backbone, cfg, device, seed):
-    """--grid: train at every lr x wd, score on task.val at the last step (test is never touched); keep the best,
-    ties to the smaller lr (VPT's rule). --prune official searches as E2VPT (tune_vtab_PruningRewind_CVK.py:555-625):
-    lr x wd without pruning, then at the choice one training, its scores and the pair grid (prune_and_retrain), whose
-    masks every seed then trains once. Returns (the config, the [lr, wd, val] grid, the masks or None)."""
+    """--grid: each lr x wd trained, scored on task.val at the last step (never test); the best kept, ties to the
+    smaller lr (VPT). --prune official as E2VPT's tune_vtab_PruningRewind_CVK.py:555-625: lr x wd unpruned, then the
+    pair grid at the choice (prune_and_retrain), whose masks each seed trains once. Returns (config, grid, masks)."""
     points = [(lr, wd) for lr in map(float, cfg.grid_lr.split(",")) for wd in map(float, cfg.grid_wd.split(","))]
     pairs = cfg.prune == "official" and prunes(METHODS[name]) and len(cfg.prune_grid.split(",")) ** 2
+    n, plain, grid, t0 = len(points) + (pairs and 1 + pairs), dataclasses.replace(cfg, prune="none"), [], time.time()
     tqdm.write(f"--grid {name} on {task.name}: {len(points)} lr x wd trainings" + f", then 1 and at most {pairs} "
                "pair trainings (pairs of equal masks train once)" * bool(pairs) + ", then one per seed")
-    plain = dataclasses.replace(cfg, prune="none") if pairs else cfg
-    grid = [[lr, wd, run_one(name, task, backbone, dataclasses.replace(plain, lr=lr, wd=wd), device, seed,
-                             test=False)["val_top1"]] for lr, wd in points]
+    for lr, wd in points:
+        grid.append([lr, wd, run_one(name, task, backbone, dataclasses.replace(plain if pairs else cfg, lr=lr, wd=wd),
+                                     device, seed, test=False)["val_top1"]])
+        plumbing.estimate(len(grid), n, t0)
     lr, wd, _ = max(grid, key=lambda g: (g[2], -g[0]))
     chosen = dataclasses.replace(cfg, lr=lr, wd=wd)
-    if not pairs:
-        return chosen, grid, None
-    model, out = fit(name, task, backbone, chosen, device, seed)
-    return chosen, grid, (model.token_mask, model.segment_mask, out["pruned"], out["prune_grid"])
+    model, out = fit(name, task, backbone, chosen, device, seed) if pairs else (None, None)
+    return chosen, grid, pairs and (model.token_mask, model.segment_mask, out["pruned"], out["prune_grid"]) or None
 
 
 def search_task(cfg, task, shots, seed, backbone):

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -700,6 +701,13 @@ def why_again(identity, done):
     return None
 
 
+def estimate(done, total, t0):
+    """After the first of `total` trainings (started at t0): what it took, and about what all of them will."""
+    if done == 1:
+        took = time.time() - t0
+        tqdm.write(f"the first training took {took:.0f} s: about {total * took / 60:.0f} min for all {total}")
+
+
 def say_why(key, identity, done, said):
     """Say once per reason why a run runs again (why_again), on a line of its own above the bars."""
     if (why := why_again(identity, done)) and why not in said:
@@ -902,7 +910,7 @@ def write_table(cfg, methods, planned, backbone_name, backbone_hash, backbone_pa
         print(f"{failed} runs failed (their lines in {results} say why); the table leaves them out", file=sys.stderr)
     print(table)
     vtab_lines(done, records)
-    if cfg.weights is None and not {"linear", "vpt"} <= set(methods):  # the main job: what to put beside it
+    if cfg.weights is None and "pvp" in methods and not {"linear", "vpt"} <= set(methods):  # what to put beside pvp
         print(f"How to read it: PVP's claim is against the same prompts started at random and the linear probe; "
               f"run them on the same tasks with: python fewshot.py --method linear,vpt,{cfg.method} --shots "
               f"{cfg.shots} --seeds {cfg.seeds} (docs/results.md has every method at 1-16 shots)")
