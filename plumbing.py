@@ -37,6 +37,7 @@ import vit as vitlib
 HERE = Path(__file__).resolve().parent
 CHECKPOINTS = HERE / "checkpoints"  # built pieces, git-ignored
 SHIPPED_BACKBONE = HERE / "assets" / "vit_synthetic.safetensors"  # the embedded backbone, in the repository
+PINNED = {SHIPPED_BACKBONE: "76093464596a5922"}  # its weights hash: a replacement, header or not, is refused
 EMBEDDED_BUILD = []  # extra pvp_pretrain.py flags for the embedded builds (the tests shrink them)
 MAX_SEED, MAX_IMG = 2**32 - 1, 1024  # seeds feed torch generators; past 1024 px a ViT-B/16 step needs > 100 GB
 LR_MAX = 1e4  # above it a run only diverges, or overflows AdamW's float32 step (from ~1e37) with a traceback
@@ -505,11 +506,13 @@ def load_backbone(weights, arch="vit_base_patch16", img_size=None):
     if weights is None:  # checked against the weight hash its header records: a damaged file is refused
         path = embedded_backbone()
         model = vitlib.load_pretrained(vitlib.vit_synthetic(num_classes=0), path, verbose=False).eval()
-        recorded = header(path).get("weights_hash")
-        if recorded not in (None, weights_hash(model)):
+        pinned = PINNED.get(Path(path).resolve())  # the shipped file's hash is the code's, not its header's
+        recorded = pinned or header(path).get("weights_hash")
+        if recorded is not None and recorded != weights_hash(model):
             raise vitlib.CheckpointError(f"{path}: its weights hash to {weights_hash(model)}, not to the {recorded} "
-                                         "its header records (damaged?): restore it (git checkout), or rebuild it "
-                                         "with python tools/build_backbone.py")
+                                         "its header records (damaged or replaced?): restore it (git checkout "
+                                         "assets/vit_synthetic.safetensors), or rebuild it with python "
+                                         "tools/build_backbone.py")
         return model, "vit_synthetic"
     arch = vitlib.PRETRAINED.get(weights, {}).get("preset", arch)
     model = vitlib.PRESETS[arch](num_classes=0, **({"img_size": img_size} if img_size else {}))

@@ -84,3 +84,21 @@ def test_the_prompt_cosine_script_runs_on_it(tmp_path):
     [row] = [line for line in r.stdout.splitlines() if line.startswith("| shape |")]
     cells = row.split("|")
     assert cells[3].strip().startswith("1.000 ") and -1 <= float(cells[4].split()[0]) <= 1
+
+
+def test_the_shipped_backbone_hash_is_pinned_in_the_code(tmp_path, monkeypatch):
+    """A replacement of the shipped file is refused whatever its header says: without a header, or with its own
+    hash in it (a rebuilt or foreign backbone put in assets/), it must be restored with git checkout."""
+    torch.manual_seed(5)
+    pinned = plumbing.PINNED[ROOT / "assets" / "vit_synthetic.safetensors"]
+    assert pinned == plumbing.header(ROOT / "assets" / "vit_synthetic.safetensors")["weights_hash"]
+    other = {k: v.contiguous() for k, v in vit.vit_synthetic(num_classes=0).state_dict().items()}
+    model = vit.load_pretrained(vit.vit_synthetic(num_classes=0), other, verbose=False)
+    for name, meta in (("bare", None), ("own-hash", {"nanopetl": json.dumps({"weights_hash": plumbing.weights_hash(
+            model)})})):
+        path = tmp_path / f"{name}.safetensors"
+        save_file(other, path, metadata=meta)
+        monkeypatch.setattr(plumbing, "SHIPPED_BACKBONE", path)
+        monkeypatch.setattr(plumbing, "PINNED", {path.resolve(): pinned})
+        with pytest.raises(vit.CheckpointError, match=r"git checkout assets/vit_synthetic.safetensors"):
+            plumbing.load_backbone(None)
