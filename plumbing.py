@@ -259,7 +259,7 @@ def check_environment():
     if "LOCAL_RANK" in os.environ:  # torchrun sets all of these; a stray LOCAL_RANK alone would hang in init
         torchrun = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
         missing = [k for k in torchrun if k not in os.environ]
-        bad = [k for k in torchrun if k != "MASTER_ADDR" and not os.environ.get(k, "0").isdigit()]
+        bad = [k for k in torchrun if k != "MASTER_ADDR" and not re.fullmatch(r"[0-9]+", os.environ.get(k, "0"))]
         need(not missing, f"LOCAL_RANK={os.environ['LOCAL_RANK']} is set, but {', '.join(missing)} "
              f"{'is' if len(missing) == 1 else 'are'} not: run under torchrun, or unset LOCAL_RANK")
         need(not bad, f"{', '.join(f'{k}={os.environ[k]}' for k in bad)}: torchrun's variables are whole numbers; "
@@ -784,15 +784,21 @@ def finished(path, warn=False):
     except OSError as e:
         raise UsageError(f"cannot read {path} ({e.strerror or e}), the results of earlier runs in --out: fix its "
                          "permissions, or give another --out") from None
-    records, bad = {}, []
+    records, bad, at = {}, [], {}
+    numbers = lambda r: [r.get(k) for k in ("status", "val_top1", "test_top1")]  # noqa: E731
     for n, line in enumerate(text.splitlines(), 1):
         try:
             r = json.loads(line)
         except ValueError:
             r = None
         need_ok = REQUIRED | (REQUIRED_OK if isinstance(r, dict) and r.get("status") == "ok" else {})
-        if isinstance(r, dict) and all(isinstance(r.get(k), t) for k, t in need_ok.items()):
-            records[r["key"]] = r
+        if isinstance(r, dict) and all(isinstance(r.get(k), t) and not isinstance(r.get(k), bool) and
+                                       (not isinstance(r.get(k), float) or math.isfinite(r[k])) for k, t in
+                                       need_ok.items()):  # a bool is no number, and NaN no accuracy
+            need(r["key"] not in records or numbers(records[r["key"]]) == numbers(r), f"{path}: lines "
+                 f"{at.get(r['key'])} and {n} hold one run ({r['key']}) with different numbers: keep the right line, "
+                 "delete the other, and run the same command again")
+            records[r["key"]], at[r["key"]] = r, n
         elif line.strip():
             bad.append(n)
     if warn and bad:
