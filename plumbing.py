@@ -487,6 +487,19 @@ def unlock(path, lock):
         lock.close()
 
 
+def check_own(out, kind):
+    """--out of a builder may be replaced only when it is a regular file (not a link) whose nanoPETL header holds
+    `kind` (a module's "method", a backbone's "preset"): a file it did not write is left as it is."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    try:
+        ours = out.is_file() and not out.is_symlink() and kind in header(out)
+    except Exception:  # not a .safetensors file at all
+        ours = False
+    need(ours, f"--out {out} exists and is not a checkpoint this command wrote (a link, a device, or another file): "
+         "it is left as it is; give another --out, or move it away")
+
+
 def check_writable(out):
     """--out's folder exists (made if needed) and takes a file: found before training, not after."""
     try:
@@ -615,6 +628,10 @@ def check_out_folder(out):
     need(os.access(out, os.W_OK), f"--out {out}: cannot write in that folder: give one you can write to")
     need(not results.exists() or results.is_file(), f"{results} is not a regular file (a re-run reads it whole): "
          "move it away, or give another --out")
+    links = [p.name for p in (results, out / "summary.md", out / "accuracy_vs_shots.png", out / ".claims")
+             if p.is_symlink()]
+    need(not links, f"--out {out}: {', '.join(links)} {'is a link' if len(links) == 1 else 'are links'}, and a sweep "
+         "writes only files of its own, never through a link: move it away, or give another --out")
 
 
 def check_options(cfg, methods, arch, registry, named, method_options):

@@ -244,6 +244,7 @@ def main(argv=None):
     if args.out is None:  # e.g. checkpoints/pvp_vpt_vit_synthetic.safetensors, checkpoints/pvp_vpt_ViT-B_16.safetensors
         args.out = str(plumbing.CHECKPOINTS / f"pvp_{args.method}_{Path(name.split(':')[-1]).stem}") + ".safetensors"
     out = Path(args.out)
+    plumbing.check_own(out, "method")
     plumbing.check_writable(out)
     before = out.stat() if out.exists() else None
     lock = plumbing.locked(out) if world == 1 else None  # under torchrun the launch is deliberate: every rank trains

@@ -102,6 +102,7 @@ def main(argv=None):
     plumbing.check_device("--device", args.device)
     out = Path(args.out)
     plumbing.need(not out.is_dir(), f"--out {out} is a folder: give the backbone's file name")
+    plumbing.check_own(out, "preset")
     plumbing.check_writable(out)
     before, lock = out.stat() if out.exists() else None, plumbing.locked(out)
     try:
