@@ -187,7 +187,7 @@ def _options(name, norm, protocol, shots):
                                ("protocol", protocol, PROTOCOLS), ("synthetic task", sub or "shape", SYNTHETIC_TASKS)):
         if value not in valid and (what != "synthetic task" or name == "synthetic"):
             raise DataError(f"unknown {what} {value!r}: choose one of {', '.join(valid)}")
-    if shots not in (None, "all") and not (str(shots).isdigit() and int(shots) > 0):
+    if shots not in (None, "all") and not (str(shots).isascii() and str(shots).isdigit() and int(shots) > 0):
         raise DataError(f"shots must be a positive integer or 'all', got {shots!r}")
     shots = None if shots in (None, "all") else int(shots)
     return name, sub, norm, protocol, shots
@@ -509,7 +509,7 @@ def _list(file, base, num_classes=None):
         rel, _, label = line.rpartition(" ")
         classes = f" in 0..{num_classes - 1}" if num_classes else ""
         problem = (f"expected '<relative path> <label>', the label a class number{classes}, not {label!r}"
-                   if not rel or not label.isdigit() else
+                   if not rel or not (label.isascii() and label.isdigit()) else
                    f"label {label} is out of range 0..{num_classes - 1}" if num_classes and int(label) >= num_classes
                    else f"image {base / rel} {'is not a regular file' if (base / rel).exists() else 'does not exist'}"
                    if not (base / rel).is_file() else None)
@@ -770,8 +770,8 @@ def _decode(items, resize, side, interpolation, crop, desc):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # read_image refuses past the limit itself
         with ThreadPoolExecutor(min(8, 2 * (os.cpu_count() or 1))) as pool:
-            list(tqdm(pool.map(one, range(len(items))), total=len(items), desc=desc, disable=len(items) < 500,
-                      leave=False))
+            list(tqdm(pool.map(one, range(len(items))), total=len(items), desc=desc, leave=False,
+                      **({"disable": True} if len(items) < 500 else {})))  # else TQDM_DISABLE decides
     return Split(images, torch.tensor([label for _, label in items], dtype=torch.long))
 
 @lru_cache(maxsize=4)

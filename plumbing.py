@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -305,11 +306,21 @@ def atomic(write, path):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask())  # as open() would make it: mkstemp's file is the owner's alone
         os.replace(tmp, path)
     except OSError as e:  # name the file being written, not its temporary twin
         raise OSError(e.errno, e.strerror, str(path)) from None
+    except RuntimeError as e:  # torch's writer reports a full disk so, not as an OSError
+        full = shutil.disk_usage(path.parent).free < 1 << 20
+        raise OSError(errno.ENOSPC if full else errno.EIO, vitlib.error_line(e), str(path)) from None
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def tensors_hash(tensors):
@@ -608,9 +619,9 @@ def check_sweep(cfg, registry, recipes, named, method_options):
     need("pvp" not in methods or cfg.pvp_init or cfg.weights is None, "--method pvp with --weights needs --pvp-init: a "
          "module checkpoint pre-trained on that backbone (python pvp_pretrain.py --weights ...)")
     configs = check_options(cfg, methods, arch, registry, named, method_options)
-    i, slash, n = (cfg.shard or "0/1").partition("/")
-    need(slash and i.isdigit() and n.isdigit() and int(i) < int(n), f"--shard {cfg.shard}: write i/n with 0 <= i < n, "
-         "e.g. --shard 0/4 ... --shard 3/4 for four jobs")
+    i, _, n = (cfg.shard or "0/1").partition("/")
+    need(re.fullmatch(r"[0-9]+/[0-9]+", cfg.shard or "0/1") and int(i) < int(n), f"--shard {cfg.shard}: write i/n "
+         "with 0 <= i < n, e.g. --shard 0/4 ... --shard 3/4 for four jobs")
     check_device("--device", cfg.device, cfg.amp)
     check_environment()
     check_out_folder(Path(cfg.out))

@@ -154,18 +154,19 @@ def pretrain(args, backbone, backbone_name):
 
 
 def built_meanwhile(path, before, args, backbone):
-    """True when another process wrote `path` while we waited for the lock, with the recipe we would use."""
+    """What another process wrote at `path` while we waited for the lock: "this recipe", "another recipe", or None."""
     try:
         now = path.stat()
     except FileNotFoundError:
-        return False
+        return None
     if before is not None and (now.st_ino, now.st_mtime_ns) == (before.st_ino, before.st_mtime_ns):
-        return False  # the file we were asked to rebuild
+        return None  # the file we were asked to rebuild
     try:
         theirs = plumbing.header(path).get("recipe")
     except Exception:
-        return False
-    return theirs == recipe(args, plumbing.weights_hash(backbone), config_of(args))
+        return None
+    return "this recipe" if theirs == recipe(args, plumbing.weights_hash(backbone), config_of(args)) else \
+        "another recipe"
 
 # -----------------------------------------------------------------------------
 # the command line
@@ -249,7 +250,10 @@ def main(argv=None):
     before = out.stat() if out.exists() else None
     lock = plumbing.locked(out) if world == 1 else None  # under torchrun the launch is deliberate: every rank trains
     try:
-        if lock and built_meanwhile(out, before, args, backbone):
+        meanwhile = lock and built_meanwhile(out, before, args, backbone)
+        need(meanwhile != "another recipe", f"{out} was written meanwhile by another process with another recipe: it "
+             "is left as it is; give this command another --out")
+        if meanwhile:
             print(f"{out} was built meanwhile by another process with this recipe: reusing it")
             return 0
         pretrain(args, backbone, name)

@@ -64,3 +64,74 @@ def test_the_backbone_builder_refuses_a_foreign_out_too(tmp_path):
     r = run("tools/build_backbone.py", "--per-class", "1", "--epochs", "1", "--out", str(other), cwd=tmp_path)
     one_line_refusal(r, str(other), "not a checkpoint this command wrote")
     assert other.read_bytes() == before
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import plumbing
+    for mask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+        before = os.umask(mask)
+        try:
+            plumbing.atomic(lambda p: Path(p).write_text("x"), tmp_path / f"f{mask:o}")
+        finally:
+            os.umask(before)
+        assert (tmp_path / f"f{mask:o}").stat().st_mode & 0o777 == mode
+
+
+def test_torchs_writer_on_a_full_disk_ends_in_one_line(tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    import plumbing
+
+    def full_disk(p):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100, 100, 0))
+    with pytest.raises(OSError) as e:
+        plumbing.atomic(lambda p: full_disk(p) or torch.save({}, p), tmp_path / "m.resume")
+    line = plumbing.os_error_line(e.value, "the last checkpoint is kept")
+    assert "m.resume" in line and "free some space" in line and "\n" not in line
+    assert list(tmp_path.iterdir()) == []  # no temporary file left
+
+
+def test_two_pretrainings_with_other_recipes_on_one_out_never_both_write(bb, tmp_path):
+    out = tmp_path / "m.safetensors"
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+    argv = lambda n: [sys.executable, str(ROOT / "pvp_pretrain.py"), "--weights", str(bb), "--arch",  # noqa: E731
+                      "vit_synthetic", "--per-class", n, "--epochs", "1", "--out", str(out)]
+    first = subprocess.Popen(argv("48"), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    while not Path(str(out) + ".lock").exists() and first.poll() is None:
+        pass
+    second = subprocess.Popen(argv("8"), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    (o1, e1), (o2, e2) = first.communicate(timeout=300), second.communicate(timeout=300)
+    assert first.returncode == 0 and "wrote " in o1, e1[-2000:]
+    assert second.returncode == 1 and "wrote " not in o2 and "another recipe" in e2 and "Traceback" not in e2, e2
+
+
+def test_tqdm_disable_is_obeyed_by_every_bar(tmp_path):
+    """Decoding a split of 500 images or more shows a bar, unless TQDM_DISABLE=1 says no bar at all."""
+    from PIL import Image
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(tmp_path / "a.png")
+    code = (f"import data; data._decode([({str(tmp_path / 'a.png')!r}, 0)] * 500, 8, 8, 'bilinear', 8, 'decoding')")
+    for disabled in ("1", None):
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"} | (
+            {"TQDM_DISABLE": disabled} if disabled else {})
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and ("decoding" in r.stderr) == (disabled is None), r.stderr[-1000:]
+
+
+@pytest.mark.parametrize("text", ["²", "٣", "1²"])
+def test_digits_int_would_misread_are_refused_with_one_line(text, tmp_path):
+    import data
+    import fewshot
+    import plumbing
+    cfg = fewshot.parse(["--shard", f"{text}/4", "--out", str(tmp_path / "out")])
+    with pytest.raises(plumbing.UsageError, match="--shard"):
+        plumbing.check_sweep(cfg, fewshot.METHODS, fewshot.RECIPES, fewshot.FLAGS, fewshot.method_options)
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "list.txt").write_text(f"a.png {text}\n", encoding="utf-8")
+    with pytest.raises(data.DataError, match="the label a class number"):
+        data._list(tmp_path / "list.txt", tmp_path)
