@@ -31,27 +31,42 @@ def one_line_refusal(r, *says):
 
 @pytest.mark.parametrize("name", ["results.jsonl", "summary.md", "accuracy_vs_shots.png", ".claims"])
 def test_a_link_planted_in_out_is_refused_and_its_target_untouched(bb, tmp_path, name):
+    import fewshot
+    import plumbing
     target = tmp_path / "precious.txt"
     target.write_bytes(b"somebody else's file\n")
     out = tmp_path / "out"
     out.mkdir()
     (out / name).symlink_to(target)
+    with pytest.raises(plumbing.UsageError, match=f"{name} is a link"):
+        fewshot.main(["--weights", str(bb), "--arch", "vit_synthetic", "--data", "synthetic:shape", "--shots", "1",
+                      "--seeds", "0", "--max-steps", "2", "--method", "linear", "--out", str(out), "--plot"])
+    assert target.read_bytes() == b"somebody else's file\n" and sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_a_planted_results_link_ends_the_command_in_one_line(bb, tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_bytes(b"somebody else's file\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.jsonl").symlink_to(target)
     r = run("fewshot.py", "--weights", str(bb), "--arch", "vit_synthetic", "--data", "synthetic:shape", "--shots", "1",
-            "--seeds", "0", "--max-steps", "2", "--method", "linear", "--out", str(out), "--plot", cwd=tmp_path)
-    one_line_refusal(r, name, "link")
+            "--seeds", "0", "--max-steps", "2", "--method", "linear", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    one_line_refusal(r, "results.jsonl", "link")
     assert target.read_bytes() == b"somebody else's file\n"
 
 
 @pytest.mark.parametrize("kind", ["text", "link-to-text", "device"])
 def test_pretrain_out_that_is_not_its_checkpoint_is_refused_and_left_as_it_was(bb, tmp_path, kind):
+    import plumbing
+    import pvp_pretrain
     other = tmp_path / "notes.txt"
     other.write_bytes(b"not a checkpoint\n")
     out = {"text": other, "device": Path("/dev/null")}.get(kind, tmp_path / "link.safetensors")
     if kind == "link-to-text":
         out.symlink_to(other)
-    r = run("pvp_pretrain.py", "--weights", str(bb), "--arch", "vit_synthetic", "--per-class", "1", "--epochs", "1",
-            "--out", str(out), cwd=tmp_path)
-    one_line_refusal(r, str(out), "not a checkpoint this command wrote")
+    with pytest.raises(plumbing.UsageError, match="not a checkpoint this command wrote"):
+        pvp_pretrain.main(["--weights", str(bb), "--arch", "vit_synthetic", "--per-class", "1", "--epochs", "1",
+                           "--device", "cpu", "--out", str(out)])
     assert other.read_bytes() == b"not a checkpoint\n" and (kind != "link-to-text" or out.is_symlink())
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["notes.txt"] + ["link.safetensors"] * (
         kind == "link-to-text"))  # no lock, resume or temporary file left either
