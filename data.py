@@ -193,8 +193,10 @@ def _options(name, norm, protocol, shots):
     return name, sub, norm, protocol, shots
 
 def fingerprint(root, splits, names=()):
-    """A short hash of what a task read: for files, each split's (path relative to root, label) and the class
-    names; for rendered splits, their pixels and labels (so a change to the renderer is a new task)."""
+    """A short hash of what a task read. Files: the class names and each split's (path relative to root, label, size,
+    mtime in ns) by os.stat, bytes unread: a file rewritten in place changes it, a folder moved whole (mtimes kept)
+    does not, a copy that drops mtimes (cp without -p) does (its runs run again). Not seen: new content of the same
+    size and mtime (which `touch -d` can fake). Rendered splits: their pixels and labels (a new renderer: new task)."""
     h = hashlib.sha1(json.dumps(list(names)).encode())
     for s in splits:
         if isinstance(s, Split):
@@ -202,7 +204,13 @@ def fingerprint(root, splits, names=()):
         else:  # json.dumps of the whole list, item by item: no copy of a 1.28M-image index as one string
             h.update(b"[")
             for i, (p, y) in enumerate(s):
-                h.update((", " * (i > 0) + json.dumps((os.path.relpath(p, root), y))).encode())
+                try:
+                    st = os.stat(p)
+                except OSError as e:  # gone (or unreadable) since the index was read
+                    raise DataError(f"image {p} went away after the dataset was indexed ({e.strerror or e}): put it "
+                                    "back, or drop it from the split, and run again") from None
+                item = (os.path.relpath(p, root), y, st.st_size, st.st_mtime_ns)
+                h.update((", " * (i > 0) + json.dumps(item)).encode())
             h.update(b"]")
     return h.hexdigest()[:16]
 
@@ -779,11 +787,14 @@ def _decoded(items, resize, side, interpolation, crop, desc):
     """_decode for val and test, memoised: a sweep's runs (methods x shots x seeds) decode them once per process."""
     return _decode(items, resize, side, interpolation, crop, desc)
 
+def cpus():
+    """The CPUs this process may use: the most loader workers it may start (--workers), as more only take turns."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 def default_workers():
     """Loader processes per training process: the CPUs this process may use, shared by the processes torchrun started
     on this machine (LOCAL_WORLD_SIZE), one kept for the training loop itself; at most 8."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+    return max(0, min(8, cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
 
 class Stream(torch.utils.data.Dataset):
     """A split read from disk as it is used: item i is (the uint8 image _decode would keep, label i). It holds only

@@ -54,7 +54,7 @@ class Config:
     shots: str = flag("1,2,4,8,16", "comma list of K per class, or 'all' (whole train split)")
     seeds: str = flag("0,1,2", "comma list of seeds: support set and initialisation")
     data: str = flag("synthetic", f"one of {', '.join(data.DATASETS)}; synthetic:<task> for one")
-    data_root: str = flag(None, "where the dataset lies on disk")
+    data_root: str = flag(None, "where the dataset lies on disk (runs keyed by each file's path, label, size, mtime)")
     download: bool = flag(False, "let torchvision download flowers102/pets/aircraft/food101")
     vtab_task: str = flag(None, "the VTAB-1k task folder (with --data vtab1k)")
     weights: str = flag(None, "a vit.PRETRAINED name or a checkpoint path; none = embedded")
@@ -109,11 +109,11 @@ class Config:
     amp: bool = flag(False, "bf16 autocast in training (CUDA only)")
     eval_dtype: str = flag("bf16", "evaluation on CUDA: bf16, or fp32 (the papers')", choices=("bf16", "fp32"))
     compile: bool = flag(False, "torch.compile the model for training and evaluation")
-    workers: int = flag(None, "loader processes per training process for splits streamed from disk (default: its "
-                              "CPUs - 1, at most 8)", ok=lambda v, c: v >= 0, what="0 (load in this process) or more")
+    workers: int = flag(None, "loader processes for streamed splits, up to this process's CPUs (default: CPUs-1, <=8)",
+                        ok=lambda v, c: 0 <= v <= data.cpus(), what="0 to {cpus}, the CPUs this process may use")
     cache_gb: float = flag(None, "GB of decoded images kept in memory; the rest stream (default: NANOPETL_MAX_GB, 8)",
                            ok=lambda v, c: v >= 0, what="a number of GB >= 0 (0: stream every split from disk)")
-    shard: str = flag(None, "i/n: run the planned runs whose index %% n == i, one of n jobs on one --out (no locks)")
+    shard: str = flag(None, "i/n: run the planned runs whose index %% n == i, one of n jobs on one --out")
     out: str = flag("runs/fewshot", "output folder")
     plot: bool = flag(False, "write accuracy_vs_shots.png")
 
@@ -593,8 +593,8 @@ def sweep(cfg, plan, methods, configs, module, backbone, backbone_name, device, 
                 if key in done or n % shards != shard or n // shards % world != rank:
                     bar.update()
                     continue
-                lock = plumbing.claim(out, key) if shards == 1 else None  # --shard: the jobs' runs are disjoint
-                if shards == 1 and (lock is None or key in (done := done | plumbing.finished(results))):
+                lock = plumbing.claim(out, key)  # None: another sweep or shard on --out is training it
+                if lock is None or key in (done := done | plumbing.finished(results)):
                     lock and lock.close()  # another sweep has it or did it
                     bar.update()
                     continue
@@ -606,7 +606,7 @@ def sweep(cfg, plan, methods, configs, module, backbone, backbone_name, device, 
                 record["seconds"] = round(time.time() - t0, 2)
                 plumbing.append(results, record)
                 done[key] = record
-                lock and lock.close()
+                lock.close()
                 bar.update()
     bar.close()
     return planned

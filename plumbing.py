@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from safetensors.torch import load_file, safe_open, save_file
 from tqdm import tqdm
 
@@ -103,6 +104,11 @@ def run_script(main, interrupted, kept):
         fail(interrupted(), 130)
     except OSError as e:
         fail(os_error_line(e, kept()))
+    except RuntimeError as e:  # torch's DataLoader: a worker that died (the kernel's out-of-memory killer, mostly)
+        if "DataLoader worker" not in str(e):
+            raise
+        fail(f"error: a data loader worker died ({vitlib.error_line(e)}), most likely killed when memory ran out. "
+             f"{kept()}: use fewer --workers (or a smaller --batch or --cache-gb) and run the same command again")
 
 # -----------------------------------------------------------------------------
 # flags: a dataclass's fields with their help and their ranges, checked once for both runners
@@ -116,7 +122,7 @@ def like(cls, name, default, help=None):
 
 def flag(default, help, ok=None, what=None, choices=None):
     """A Config field: its default, --help text, and the check (ok(value, cfg), described as `what`, which may name
-    other fields as {lr:g}) or the choices it must pass. None passes unless the default is not None."""
+    other fields as {lr:g}, and {cpus}) or the choices it must pass. None passes unless the default is not None."""
     return dataclasses.field(default=default, metadata=dict(help=help, ok=ok, what=what, choices=choices))
 
 
@@ -145,7 +151,8 @@ def check_flags(cfg):
             choices = ", ".join(c for c in meta["choices"] if c)
             need(value in meta["choices"], f"{name} {value}: choose one of {choices}")
         if meta.get("ok"):
-            need(meta["ok"](value, cfg), f"{name} must be {meta['what'].format(**vars(cfg))}, got {value}")
+            need(meta["ok"](value, cfg), f"{name} must be {meta['what'].format(**vars(cfg), cpus=data.cpus())}, got "
+                 f"{value}")
 
 
 def listed(flag_name, text, kind, ok, what):
@@ -265,6 +272,7 @@ def check_environment():
              f"{'is' if len(missing) == 1 else 'are'} not: run under torchrun, or unset LOCAL_RANK")
         need(not bad, f"{', '.join(f'{k}={os.environ[k]}' for k in bad)}: torchrun's variables are whole numbers; "
              "run under torchrun, or unset them")
+        setup_seconds()
 
 
 def init_distributed(device):
@@ -272,10 +280,60 @@ def init_distributed(device):
     if "LOCAL_RANK" not in os.environ:
         return 0, 1, pick_device(device)
     cuda, local = torch.cuda.is_available() and device in ("auto", "cuda"), int(os.environ["LOCAL_RANK"])
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(days=7))  # ranks wait at the end
-    if cuda:
-        torch.cuda.set_device(local)
+    wait, env = setup_seconds(), {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    line = (f"torchrun set-up failed within {wait:g} s (rank {env['RANK']} of WORLD_SIZE {env['WORLD_SIZE']} at "
+            f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}{{}}): every rank needs the same MASTER_ADDR, MASTER_PORT and "
+            "WORLD_SIZE, a reachable address and a free port; NANOPETL_SETUP_TIMEOUT=<seconds> waits longer")
+    try:  # every rank joins within `wait` seconds, or one line says what to check; torch's retries stay unprinted
+        with quiet_stderr() as stderr, deadline(wait, lambda: os.write(stderr, f"error: {line.format('')}\n".encode())):
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=wait))
+            if cuda:
+                torch.cuda.set_device(local)
+            dist.barrier(device_ids=[local] if cuda else None)  # (NCCL connects here)
+    except (RuntimeError, ValueError) as e:  # torch's DistError, DistNetworkError, DistStoreError are RuntimeErrors
+        raise UsageError(line.format(f": {vitlib.error_line(e)}")) from None
+    dist.set_timeout(datetime.timedelta(days=7))  # from here a rank may wait long for another's runs
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}") if cuda else pick_device(device)
+
+
+def setup_seconds():
+    """NANOPETL_SETUP_TIMEOUT: the seconds torchrun's ranks have to find each other (default 60)."""
+    value = os.environ.get("NANOPETL_SETUP_TIMEOUT", "60")
+    try:
+        seconds = float(value) if value.isascii() else math.nan
+    except ValueError:
+        seconds = math.nan
+    need(0 < seconds <= 86400, f"NANOPETL_SETUP_TIMEOUT={value!r}: the seconds torchrun's ranks have to find each "
+         "other, a number in (0, 86400]; unset it for 60")
+    return seconds
+
+
+class quiet_stderr:
+    """Standard error (the file descriptor, so C++ logging too) goes nowhere inside the block; `as` gives a copy of
+    the real one."""
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2), os.close(null)
+        return self.saved
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2), os.close(self.saved)
+
+
+class deadline:
+    """A block that must end within `seconds`: past it, say() runs and the process exits with status 1 (a call
+    blocked in C++, such as a rank waiting for others, cannot be interrupted any other way)."""
+    def __init__(self, seconds, say):
+        import threading
+        self.timer = threading.Timer(seconds, lambda: (say(), os._exit(1)))
+        self.timer.daemon = True
+
+    def __enter__(self):
+        self.timer.start()
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
 
 
 def autocast(device, amp):
@@ -356,18 +414,21 @@ def module_state_dict(model, head=True):
     return {k: v.detach().cpu().clone() for k, v in _own(model, head).items()}
 
 
+def misfits(model, sd, head=True):
+    """What keeps `sd` from being the module of `model`: missing and unexpected tensors, and shapes that differ."""
+    own, sd = _own(model, head), {k: v for k, v in sd.items() if head or not k.startswith("head.")}
+    return ([f"missing {k}" for k in own if k not in sd] + [f"unexpected {k}" for k in sd if k not in own] +
+            [f"shape of {k}: got {tuple(v.shape)}, expected {tuple(own[k].shape)}"
+             for k, v in sd.items() if k in own and v.shape != own[k].shape])
+
+
 def load_module_state_dict(model, sd, head=True):
     """Copy `sd` into the module's tensors; every one must be there with its shape, or ValueError says which and
     nothing is copied. head=False leaves the head alone and ignores head.* entries of `sd`. A merged model (LoRA) is
     unmerged, loaded and merged again; a method's loaded() hook runs last (E2VPT: the loaded prompts are its rewind
     point)."""
-    own = _own(model, head)
-    sd = {k: v for k, v in sd.items() if head or not k.startswith("head.")}
-    problems = [f"missing {k}" for k in own if k not in sd]
-    problems += [f"unexpected {k}" for k in sd if k not in own]
-    problems += [f"shape of {k}: got {tuple(v.shape)}, expected {tuple(own[k].shape)}"
-                 for k, v in sd.items() if k in own and v.shape != own[k].shape]
-    if problems:
+    own, sd = _own(model, head), {k: v for k, v in sd.items() if head or not k.startswith("head.")}
+    if problems := misfits(model, sd, head):
         raise ValueError(f"{getattr(model, 'name', type(model).__name__)} module state dict does not fit (config "
                          f"{getattr(model, 'config', None)}): " + "; ".join(problems))
     merged = getattr(model, "merged", False)
@@ -418,6 +479,11 @@ def module_header(path, registry):
         bad = [f"method {meta['method']!r} (not one of {', '.join(kinds)})"]
     if not bad and (extra := set(meta["config"]) - set(options_of(registry[meta["method"]]))):
         bad = [f"config options {sorted(extra)} that {meta['method']} does not take"]
+    for k, v in (meta["config"] if not bad else {}).items():  # each option of the kind its default is
+        try:
+            check_type(meta["method"], k, v, options_of(registry[meta["method"]])[k])
+        except UsageError as e:
+            bad.append(str(e))
     if bad:
         raise vitlib.CheckpointError(f"{path}: its nanoPETL header is damaged or from another version: " +
                                      "; ".join(bad) + ". Pre-train it again with python pvp_pretrain.py")
@@ -436,8 +502,24 @@ def read_module(path, backbone, registry):
         raise vitlib.CheckpointError(
             f"{path} was pre-trained on backbone {meta['backbone']} (weights {meta['backbone_hash']}), not on this one "
             f"(weights {weights_hash(backbone)}): pre-train it on this backbone with pvp_pretrain.py --weights")
+    try:  # its tensors are the module its header describes: tried on a weightless copy of the backbone
+        problems = misfits(registry[meta["method"]](ghost(backbone), num_classes=2, **meta["config"]), tensors, False)
+    except (TypeError, ValueError, RuntimeError) as e:
+        problems = [f"its {meta['method']} config {meta['config']} is refused ({vitlib.error_line(e)})"]
+    if problems:
+        raise vitlib.CheckpointError(f"{path}: its tensors are not the {meta['method']} module its header describes ("
+                                     f"{'; '.join(problems[:3])}{'; ...' * (len(problems) > 3)}): damaged or edited; "
+                                     "pre-train it again with python pvp_pretrain.py")
     vitlib.check_finite(tensors, path)
     return meta, tensors
+
+
+def ghost(model):
+    """A copy of `model` on the 'meta' device: every shape, no memory and no values (to try a build on)."""
+    import copy
+    memo = {id(t): nn.Parameter(torch.empty_like(t, device="meta"), t.requires_grad) if isinstance(t, nn.Parameter)
+            else torch.empty_like(t, device="meta") for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def header(path):
@@ -534,9 +616,9 @@ def load_backbone(weights, arch="vit_base_patch16", img_size=None):
         recorded = pinned or header(path).get("weights_hash")
         if recorded is not None and recorded != weights_hash(model):
             raise vitlib.CheckpointError(f"{path}: its weights hash to {weights_hash(model)}, not to the {recorded} "
-                                         "its header records (damaged or replaced?): restore it (git checkout "
-                                         "assets/vit_synthetic.safetensors), or rebuild it with python "
-                                         "tools/build_backbone.py")
+                                         "its header records (damaged or replaced?): " + (
+                                             "restore it (git checkout assets/vit_synthetic.safetensors)" if pinned else
+                                             "delete it, and the next run builds it again"))
         return model, "vit_synthetic"
     arch = vitlib.PRETRAINED.get(weights, {}).get("preset", arch)
     model = vitlib.PRESETS[arch](num_classes=0, **({"img_size": img_size} if img_size else {}))
@@ -618,12 +700,12 @@ def check_sweep(cfg, registry, recipes, named, method_options):
          "make one with python pvp_pretrain.py --weights <this backbone> --out <path>")
     need("pvp" not in methods or cfg.pvp_init or cfg.weights is None, "--method pvp with --weights needs --pvp-init: a "
          "module checkpoint pre-trained on that backbone (python pvp_pretrain.py --weights ...)")
-    configs = check_options(cfg, methods, arch, registry, named, method_options)
     i, _, n = (cfg.shard or "0/1").partition("/")
     need(re.fullmatch(r"[0-9]+/[0-9]+", cfg.shard or "0/1") and int(i) < int(n), f"--shard {cfg.shard}: write i/n "
          "with 0 <= i < n, e.g. --shard 0/4 ... --shard 3/4 for four jobs")
     check_device("--device", cfg.device, cfg.amp)
     check_environment()
+    configs = check_options(cfg, methods, arch, registry, named, method_options)  # and their sizes on --device
     check_out_folder(Path(cfg.out))
     return methods, shots, seeds, configs
 
@@ -678,10 +760,43 @@ def check_options(cfg, methods, arch, registry, named, method_options):
         skeleton = vitlib.PRESETS[arch](num_classes=0, **({"img_size": cfg.img_size} if cfg.img_size else {}))
         for m in builders:
             try:
-                configs[m] = registry[m](copy.deepcopy(skeleton), num_classes=2, **method_options(m, cfg)).config
+                model = registry[m](copy.deepcopy(skeleton), num_classes=2, **method_options(m, cfg))
             except (TypeError, ValueError) as e:
                 raise UsageError(f"--method {m}: {e}; change the option (--opt NAME=VALUE or its flag)") from None
+            configs[m] = model.config
+            check_size(m, model, cfg.batch, cfg.img_size or skeleton.img_size, cfg.device, cfg.amp)
     return configs  # as the constructors resolve them (defaults filled in): what a run's key holds
+
+
+def memory_of(device):
+    """Bytes of memory on --device: a GPU's own, or the machine's RAM shared by the ranks torchrun started on it."""
+    device = pick_device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device.index or int(os.environ.get("LOCAL_RANK", "0"))).total_memory
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory()
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def check_size(name, model, batch, img_size, device, amp):
+    """Refuse, from arithmetic on a weightless build and before any data loads, what `device` cannot hold. Both
+    figures are lower bounds: 16 bytes per trainable parameter (its value, gradient and AdamW's two moments) and, for
+    a module trained through the ViT, 8 activations of tokens x dim per block and image kept for the backward pass."""
+    have, gb, device = memory_of(device), lambda b: f"{b / 1e9:,.1f} GB", pick_device(device)
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    module = 16 * sum(trainable.values())
+    need(module < have, f"--method {name} with {json.dumps(model.config)}: {sum(trainable.values()):,} trainable "
+         f"parameters need at least {gb(module)} to train, more than the {gb(have)} of {device}: choose smaller "
+         "options (--prompts, --kv-prompts, --rank, --opt)")
+    if all(n.startswith("head.") for n in trainable):
+        return  # the linear probe: nothing back-propagates through the ViT
+    vit, prompts = model.vit, model.config.get("num_prompts", 0)
+    tokens = 1 + (img_size // vit.patch_size) ** 2 + prompts
+    step = module + batch * len(vit.blocks) * tokens * vit.dim * 8 * (2 if amp else 4)
+    of_them = f" ({prompts} of them prompts)" * bool(prompts)
+    need(step < have, f"--batch {batch}: one training step of {name} keeps at least {gb(step)} ({batch} images x "
+         f"{len(vit.blocks)} blocks x {tokens} tokens{of_them} x {vit.dim} dims x 8 activations), more than the "
+         f"{gb(have)} of {device}: lower --batch" + " or --prompts" * (2 * prompts > tokens))
 
 # -----------------------------------------------------------------------------
 # a run's key, the results file (lines appended under a lock, read back whatever is in it), claims
@@ -714,12 +829,14 @@ def normal(value):
 
 def why_again(identity, done):
     """Why a run whose key is not in the results file runs although a line for the same run is there: its code
-    changed (which files), it runs elsewhere, or the line was written before code was keyed; else None."""
-    def same(i):  # the identity but for the code, what built a pvp module, and where it ran
+    changed (which files), its data changed (the fingerprint), it runs elsewhere, or the line was written before code
+    was keyed; else None."""
+    def same(i):  # the identity but for the code, what built a pvp module, the data's fingerprint, and where it ran
         i = {k: v for k, v in normal(i).items() if k not in ("code", "run")}
-        return i | dict(options={k: v for k, v in i["options"].items() if k != "built_by"})
+        return i | dict(options={k: v for k, v in i["options"].items() if k != "built_by"},
+                        data={**i["data"], "fingerprint": None})
     mine = same(identity)
-    for r in done.values():
+    for r in reversed(done.values()):  # the newest line for the run says what changed since
         theirs = r.get("identity")
         if isinstance(theirs, dict) and same(theirs) == mine:
             if "code" not in theirs:
@@ -728,6 +845,8 @@ def why_again(identity, done):
                              if identity["code"].get(f) != theirs["code"].get(f))
             if changed or identity["options"] != normal(theirs["options"]):
                 return f"the code changed since its line in results.jsonl ({', '.join(changed) or 'its module'})"
+            if theirs["data"]["fingerprint"] != identity["data"]["fingerprint"]:
+                return "its data changed since its line in results.jsonl (files read, their labels, sizes or mtimes)"
             return f"its line in results.jsonl ran elsewhere ({theirs.get('run')}, now {identity['run']})"
     return None
 

@@ -25,6 +25,7 @@ by tools/build_backbone.py.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -223,6 +224,9 @@ def config_of(args, check_module=False):
     need(not check_module or (own and not any(p.requires_grad for p in frozen)), f"--method {args.method}: PVP "
          f"pre-trains a module beside a frozen backbone, and {args.method} " +
          ("trains the backbone" if own else "has only a head"))
+    if check_module:  # under torchrun each rank's step holds its share of --batch
+        plumbing.check_size(args.method, model, max(1, args.batch // int(os.environ.get("WORLD_SIZE", "1"))),
+                            args.img_size or skeleton.img_size, args.device, args.amp)
     return model.config
 
 

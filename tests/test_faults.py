@@ -277,6 +277,17 @@ def torn_lines(w):
     return [line for line in (w.out / "results.jsonl").read_text().splitlines() if not line.startswith("{") or
             not line.endswith("}")]
 
+WORKER_KILLED = """
+import os, signal, torch.utils.data, data
+read = data.Stream.__getitem__
+def killed_in_2_shots(self, i):  # the memory killer, played: a worker reading the 2-shot training set dies
+    if torch.utils.data.get_worker_info() and len(self) == 6 and "/train/" in os.fsdecode(self.paths[i]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return read(self, i)
+data.Stream.__getitem__ = killed_in_2_shots
+"""
+
+
 def one_shot_runs_kept(w, r):
     """bad-image-in-a-stream: with --cache-gb 0 every split streams, so the image (cat/0.jpg: seed 0's 2-shot set
     adds it to the 1-shot one, and holds out cat/1.jpg for val) is read only by the 2-shot runs; the 1-shot runs
@@ -485,6 +496,19 @@ def second_sweep(proc, w):
     other = spawn("fewshot.py", fill(fs(method="vpt,lora"), w), w, tag="second")
     r = finish(other)
     assert r.code == 0 and "Traceback" not in r.err, r.err[-3000:]
+
+
+def shard_twin_and_plain_sweep(proc, w):
+    """The same --shard job started again, and a plain sweep, on the same --out at once."""
+    others = [spawn("fewshot.py", fill(a, w), w, tag=t) for t, a in (
+        ("twin", fs(method="linear,vpt", shard="0/2")), ("plain", fs(method="linear,vpt")))]
+    for r in map(finish, others):
+        assert r.code == 0 and "Traceback" not in r.err, r.err[-3000:]
+
+
+def each_run_once(w, r):
+    rows = [json.loads(line) for line in (w.out / "results.jsonl").read_text().splitlines()]
+    assert sorted(x["method"] for x in rows) == ["linear", "vpt"] and all(x["status"] == "ok" for x in rows), rows
 
 
 def two_sweeps_then(w, r):
@@ -738,6 +762,8 @@ CASES = [
          during=interrupt_after_first_line(signal.SIGINT), then=ctrl_c_then),
     Case("two-sweeps-one-out", None, fs(method="linear,vpt"), 0, ("saved:",), during=second_sweep,
          then=two_sweeps_then),
+    Case("shard-twice-beside-a-sweep", None, fs(method="linear,vpt", shard="0/2"), 0, ("saved:",),
+         during=shard_twin_and_plain_sweep, then=each_run_once),
     # --- pvp_pretrain.py
     Case("pretrain-killed-then-resume", None, pp(per_class="4", epochs="3"), -signal.SIGKILL, (),
          script="pvp_pretrain.py", during=lambda proc, w: (wait_for(
@@ -795,6 +821,26 @@ CASES = [
     Case("module-header-unknown-option", lambda w: module_with(w, "opt.safetensors", lambda m: {
         **m, "config": {**m["config"], "bottleneck": 8}}), fs(method="pvp", pvp_init="{tmp}/opt.safetensors"), 1,
          ("opt.safetensors", "['bottleneck']", "vpt does not take")),
+    Case("module-extra-tensor", lambda w: module_with(w, "x.safetensors", tensors=lambda t: {**t, "adapter": 1 + t[
+        "prompts"][0]}), fs(method="linear,pvp", pvp_init="{tmp}/x.safetensors"), 1,
+         ("x.safetensors", "not the vpt module its header describes", "unexpected adapter")),
+    Case("module-tensor-missing", lambda w: module_with(w, "x.safetensors", tensors=lambda t: {"p": t["prompts"]}),
+         fs(method="linear,pvp", pvp_init="{tmp}/x.safetensors"), 1, ("missing prompts", "unexpected p")),
+    Case("module-config-against-its-tensors", lambda w: module_with(w, "x.safetensors", lambda m: {
+        **m, "config": {**m["config"], "num_prompts": 7}}), fs(method="linear,pvp", pvp_init="{tmp}/x.safetensors"), 1,
+         ("x.safetensors", "shape of prompts", "expected (6, 7, 128)")),
+    Case("module-option-of-another-kind", lambda w: module_with(w, "x.safetensors", lambda m: {
+        **m, "config": {**m["config"], "deep": 2}}), fs(method="linear,pvp", pvp_init="{tmp}/x.safetensors"), 1,
+         ("x.safetensors", "header is damaged", "deep is True or False", "got 2")),
+    Case("module-option-refused", lambda w: module_with(w, "x.safetensors", lambda m: {
+        **m, "config": {**m["config"], "init": "magic"}}), fs(method="linear,pvp", pvp_init="{tmp}/x.safetensors"), 1,
+         ("x.safetensors", "config", "is refused")),
+    Case("prompts-past-memory", None, fs(method="linear,vpt", prompts="1000000000"), 1,
+         ("--method vpt", "trainable parameters need at least", "GB to train, more than the", "--prompts")),
+    Case("batch-past-memory", None, fs(method="linear,lora", batch="100000000"), 1,
+         ("--batch 100000000", "one training step of lora keeps at least", "lower --batch")),
+    Case("pretrain-batch-past-memory", None, pp(batch="100000000"), 1, ("--batch 100000000", "lower --batch"),
+         script="pvp_pretrain.py"),
     Case("module-with-nan", lambda w: module_with(w, "nan.safetensors", tensors=with_nan),
          fs(method="linear,pvp", pvp_init="{tmp}/nan.safetensors"), 1, ("nan.safetensors", "prompts", "3 NaN")),
     Case("results-unreadable", results_exist, fs(), 1, ("cannot read {out}/results.jsonl", "Permission denied",
@@ -900,7 +946,12 @@ CASES = [
     # --- streaming: a bad image mid-stream, shards, workers ---
     Case("bad-image-in-a-stream", break_image("train/cat/0.jpg", "truncated"),
          fs(**IF, method="linear,vpt", shots="1,2", cache_gb="0", workers="1"), 1,
-         ("cannot read image {data}/train/cat/0.jpg", "truncated", "replace it or drop it"), then=one_shot_runs_kept),
+         ("cannot read image {data}/train/cat/0.jpg", "truncated", "replace it or drop it"), then=one_shot_runs_kept,
+         cli=True),  # a real process: loader workers left in this one would cost the next row seconds to shut down
+    Case("loader-worker-killed", imagefolder, fs(**IF, method="linear,vpt", shots="1,2", cache_gb="0", workers="1"), 1,
+         ("a data loader worker died", "exited unexpectedly", "memory ran out", "kept in {out}/results.jsonl",
+          "fewer --workers", "run the same command again"), hook=WORKER_KILLED, then=one_shot_runs_kept),
+    Case("workers-past-the-cpus", None, fs(workers="100000"), 1, ("--workers must be 0 to", "the CPUs", "got 100000")),
     Case("shard-out-of-range", None, fs(shard="2/2"), 1, ("--shard 2/2", "0 <= i < n", "--shard 0/4")),
     Case("workers-negative", None, fs(workers="-1"), 1, ("--workers must be 0", "got -1")),
     Case("pretrain-save-every-negative", None, pp(save_every="-1"), 1, ("--save-every must be at least 0, got -1",),

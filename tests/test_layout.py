@@ -3,12 +3,14 @@
 Budgets (a change that crosses one argues for it here, beside the number):
   fewshot.py <= 650 lines with main <= 50; pvp_pretrain.py <= 300; each method file <= 250; no line over 120
   characters in any tracked .py file; README.md <= 15 KB.
-  plumbing.py <= 970, over its 650: it holds the rules of three command lines (fewshot.py, pvp_pretrain.py and
+  plumbing.py <= 1100, over its 650: it holds the rules of three command lines (fewshot.py, pvp_pretrain.py and
   tools/build_backbone.py, each written once and shared through Config's field metadata), the module and resume
   files, the results file with the run key (the code a run executes, why a run runs again), and the table and
-  plot. The data checks and the GPU copies of kept splits went to data.py, their home. What is left has no other
-  home: a second helper module would split the reading path again, and the table in fewshot.py would cost the
-  protocol its room. Bring it back to 650 by shrinking, not by moving it out.
+  plot; and every check that keeps a fault to one line before the first run: a module checkpoint tried whole on
+  a weightless copy of the backbone, sizes refused from their arithmetic, torchrun's set-up under a deadline.
+  The data checks and the GPU copies of kept splits went to data.py, their home. What is left has no other home:
+  a second helper module would split the reading path again, and the table in fewshot.py would cost the protocol
+  its room. Bring it back to 650 by shrinking, not by moving it out.
 """
 import ast
 import subprocess
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BUDGETS = {"fewshot.py": 650, "pvp_pretrain.py": 300, "plumbing.py": 970, "vpt.py": 250, "e2vpt.py": 250,
+BUDGETS = {"fewshot.py": 650, "pvp_pretrain.py": 300, "plumbing.py": 1100, "vpt.py": 250, "e2vpt.py": 250,
            "lora.py": 250}
 METHOD_FILES = ("vpt.py", "e2vpt.py", "lora.py")
 RUNNERS = ("fewshot.py", "pvp_pretrain.py")
