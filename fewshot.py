@@ -621,7 +621,7 @@ def main(argv=None):
     module = None
     if "pvp" in methods:  # its module, read and checked once before any run
         cfg = dataclasses.replace(cfg, pvp_init=str(cfg.pvp_init or plumbing.embedded_pvp(backbone, METHODS)))
-        meta, tensors = plumbing.read_module(cfg.pvp_init, backbone, METHODS)
+        meta, tensors = plumbing.read_module(cfg.pvp_init, backbone, METHODS, sizes=(cfg, device))
         module = plumbing.module_identity(meta, tensors)
     print(f"nanoPETL few-shot: {', '.join(methods)} on {cfg.data} x shots {cfg.shots} x seeds {cfg.seeds}, "
           f"backbone {backbone_name} ({backbone_params:,} params, weights {backbone_hash}) on {device}"

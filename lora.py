@@ -100,7 +100,8 @@ class LoRA(nn.Module):
                 ("qkv" in targets and set(targets) & {"q", "k", "v"}):
             raise ValueError(f"LoRA needs rank >= 1 and distinct targets from {self.TARGETS} (qkv, the whole fused "
                              f"projection, not with q, k or v); got rank={rank}, targets={targets}")
-        if not (isinstance(alpha, (int, float)) and 0 < alpha < math.inf and isinstance(dropout, (int, float))):
+        if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha < math.inf and
+                isinstance(dropout, (int, float)) and 0 <= dropout < 1):
             raise ValueError(f"LoRA needs a positive, finite alpha and a dropout in [0, 1); got {alpha!r}, {dropout!r}")
         if any(isinstance(m, LoRALinear) for m in vit.modules()):
             raise ValueError("this ViT is already wrapped by a LoRA: build a fresh ViT for each LoRA")

@@ -107,8 +107,9 @@ def run_script(main, interrupted, kept):
     except RuntimeError as e:  # torch's DataLoader: a worker that died (the kernel's out-of-memory killer, mostly)
         if "DataLoader worker" not in str(e):
             raise
-        fail(f"error: a data loader worker died ({vitlib.error_line(e)}), most likely killed when memory ran out. "
-             f"{kept()}: use fewer --workers (or a smaller --batch or --cache-gb) and run the same command again")
+        fail(f"error: a data loader worker died ({vitlib.error_line(e)}), most likely killed when memory ran out: "
+             f"give it fewer --workers (or a smaller --batch or --cache-gb). {kept()}" +
+             "; then run the same command again" * ("--resume" not in kept()))
 
 # -----------------------------------------------------------------------------
 # flags: a dataclass's fields with their help and their ranges, checked once for both runners
@@ -270,8 +271,11 @@ def check_environment():
         bad = [k for k in torchrun if k != "MASTER_ADDR" and not re.fullmatch(r"[0-9]+", os.environ.get(k, "0"))]
         need(not missing, f"LOCAL_RANK={os.environ['LOCAL_RANK']} is set, but {', '.join(missing)} "
              f"{'is' if len(missing) == 1 else 'are'} not: run under torchrun, or unset LOCAL_RANK")
-        need(not bad, f"{', '.join(f'{k}={os.environ[k]}' for k in bad)}: torchrun's variables are whole numbers; "
-             "run under torchrun, or unset them")
+        need(not bad, f"{', '.join(f'{k}={os.environ[k]}' for k in bad)}: torchrun's variables are whole numbers "
+             "from 0; run under torchrun, or unset them")
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        need(rank < world, f"RANK={rank} with WORLD_SIZE={world}: the ranks are 0 to WORLD_SIZE - 1; run under "
+             "torchrun, or unset them")
         setup_seconds()
 
 
@@ -415,11 +419,12 @@ def module_state_dict(model, head=True):
 
 
 def misfits(model, sd, head=True):
-    """What keeps `sd` from being the module of `model`: missing and unexpected tensors, and shapes that differ."""
+    """What keeps `sd` from being the module of `model`: missing and unexpected tensors, other shapes and dtypes."""
     own, sd = _own(model, head), {k: v for k, v in sd.items() if head or not k.startswith("head.")}
     return ([f"missing {k}" for k in own if k not in sd] + [f"unexpected {k}" for k in sd if k not in own] +
             [f"shape of {k}: got {tuple(v.shape)}, expected {tuple(own[k].shape)}"
-             for k, v in sd.items() if k in own and v.shape != own[k].shape])
+             for k, v in sd.items() if k in own and v.shape != own[k].shape] +
+            [f"{k} holds {v.dtype}, not {own[k].dtype}" for k, v in sd.items() if k in own and v.dtype != own[k].dtype])
 
 
 def load_module_state_dict(model, sd, head=True):
@@ -490,8 +495,9 @@ def module_header(path, registry):
     return meta
 
 
-def read_module(path, backbone, registry):
-    """(meta, tensors) of a module checkpoint, refused unless it was made on this very backbone and is finite."""
+def read_module(path, backbone, registry, sizes=None):
+    """(meta, tensors) of a module checkpoint, refused unless it was made on this very backbone, is the module its
+    header describes, and is finite. sizes=(cfg, device): and unless a training step of it fits (check_size)."""
     meta = module_header(path, registry)
     try:
         tensors = load_file(path)
@@ -503,7 +509,10 @@ def read_module(path, backbone, registry):
             f"{path} was pre-trained on backbone {meta['backbone']} (weights {meta['backbone_hash']}), not on this one "
             f"(weights {weights_hash(backbone)}): pre-train it on this backbone with pvp_pretrain.py --weights")
     try:  # its tensors are the module its header describes: tried on a weightless copy of the backbone
-        problems = misfits(registry[meta["method"]](ghost(backbone), num_classes=2, **meta["config"]), tensors, False)
+        frozen = list((skeleton := ghost(backbone)).parameters())
+        model = registry[meta["method"]](skeleton, num_classes=2, **meta["config"])
+        problems = misfits(model, tensors, False) if _own(model, False) and not any(
+            p.requires_grad for p in frozen) else [f"{meta['method']} is not a module beside a frozen backbone"]
     except (TypeError, ValueError, RuntimeError) as e:
         problems = [f"its {meta['method']} config {meta['config']} is refused ({vitlib.error_line(e)})"]
     if problems:
@@ -511,6 +520,8 @@ def read_module(path, backbone, registry):
                                      f"{'; '.join(problems[:3])}{'; ...' * (len(problems) > 3)}): damaged or edited; "
                                      "pre-train it again with python pvp_pretrain.py")
     vitlib.check_finite(tensors, path)
+    if sizes:
+        check_size("pvp", model, sizes[0].batch, sizes[0].img_size or backbone.img_size, sizes[1], sizes[0].amp)
     return meta, tensors
 
 
@@ -762,7 +773,8 @@ def check_options(cfg, methods, arch, registry, named, method_options):
             try:
                 model = registry[m](copy.deepcopy(skeleton), num_classes=2, **method_options(m, cfg))
             except (TypeError, ValueError) as e:
-                raise UsageError(f"--method {m}: {e}; change the option (--opt NAME=VALUE or its flag)") from None
+                raise UsageError(f"--method {m}: {vitlib.error_line(e)}; change the option (--opt NAME=VALUE or its "
+                                 "flag)") from None
             configs[m] = model.config
             check_size(m, model, cfg.batch, cfg.img_size or skeleton.img_size, cfg.device, cfg.amp)
     return configs  # as the constructors resolve them (defaults filled in): what a run's key holds
@@ -973,8 +985,8 @@ def say_missing(missing, planned, results, shards):
     """After a sweep: why some planned runs are not in the results file yet."""
     if missing and shards > 1:
         print(f"{len(missing)} of the {len(planned)} planned runs are not in {results} yet: other shards' (--shard "
-              f"i/{shards}); when every shard has finished, run any of them again (or this command without --shard) "
-              "for the full table", file=sys.stderr)
+              f"i/{shards}), or runs another job on this --out is training; when every job has finished, run any of "
+              "them again (or this command without --shard) for the full table", file=sys.stderr)
     elif missing:
         print(f"{len(missing)} runs are not in {results} yet: another sweep on {results.parent} is running them; when "
               "it ends, run this command again for the full table", file=sys.stderr)
@@ -1068,8 +1080,8 @@ def write_table(cfg, methods, planned, backbone_name, backbone_hash, backbone_pa
     vtab_lines(done, records)
     if cfg.weights is None and "pvp" in methods and not {"linear", "vpt"} <= set(methods):  # what to put beside pvp
         print(f"How to read it: PVP's claim is against the same prompts started at random and the linear probe; "
-              f"run them on the same tasks with: python fewshot.py --method linear,vpt,{cfg.method} --shots "
-              f"{cfg.shots} --seeds {cfg.seeds} (docs/results.md has every method at 1-16 shots)")
+              f"run them on the same tasks: the same command with --method linear,vpt,{cfg.method} (docs/results.md "
+              "has every method at 1-16 shots)")
     try:
         (out / "summary.md").write_text(f"{cfg.data}, backbone {backbone_name} (weights {backbone_hash})\n\n{table}\n")
         print(f"saved: {results}, {out / 'summary.md'}")

@@ -24,6 +24,8 @@ fewshot.py runs the first command by itself when its file is missing. The embedd
 by tools/build_backbone.py.
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -187,8 +189,9 @@ def parse(argv=None):
 def check(args):
     """Refuse flags that cannot work before any time is spent: one UsageError naming the flag."""
     plumbing.check_flags(Pretrain(**{k: v for k, v in vars(args).items() if k != "given"}))
-    need(args.method in fewshot.METHODS and args.method != "pvp", f"--method {args.method}: not a method to pre-train;"
-         f" choose one of {', '.join(pretrainable(args))}")
+    if args.method not in fewshot.METHODS or args.method == "pvp":  # (listing the choices builds every method)
+        raise plumbing.UsageError(f"--method {args.method}: not a method to pre-train; choose one of "
+                                  f"{', '.join(pretrainable(args))}")
     need(args.data == "synthetic" or args.data in data.DATASETS[1:], f"unknown source --data {args.data}: choose "
          f"synthetic or one of {', '.join(data.DATASETS[1:])}")
     need(args.data_root is None or args.data != "synthetic", "--data-root is for a source on disk (--data imagenet, "
@@ -214,7 +217,7 @@ def config_of(args, check_module=False):
         try:
             model = fewshot.build(args.method, skeleton, 2, args)
         except (TypeError, ValueError) as e:
-            raise plumbing.UsageError(f"--method {args.method}: {e}; change the option") from None
+            raise plumbing.UsageError(f"--method {args.method}: {vitlib.error_line(e)}; change the option") from None
     takes = plumbing.options_of(fewshot.METHODS[args.method])
     for k in plumbing.given_options(args, fewshot.FLAGS).keys() - takes.keys() if check_module else ():
         named = next((f"--{f.replace('_', '-')}" for f, (o, _) in fewshot.FLAGS.items() if o == k), None)
@@ -233,8 +236,9 @@ def config_of(args, check_module=False):
 def pretrainable(args):
     """The registered methods PVP can pre-train: a module beside a frozen backbone (config_of's check)."""
     def ok(m):
-        try:
-            return config_of(argparse.Namespace(**{**vars(args), "method": m, "opt": None}), check_module=True) or True
+        try:  # (quietly: a flag that method does not take is not this command's warning)
+            with contextlib.redirect_stderr(io.StringIO()):
+                return config_of(argparse.Namespace(**{**vars(args), "method": m, "opt": None}), check_module=True) or 1
         except plumbing.UsageError:
             return False
     return [m for m in fewshot.METHODS if m != "pvp" and ok(m)]

@@ -835,6 +835,18 @@ CASES = [
     Case("module-option-refused", lambda w: module_with(w, "x.safetensors", lambda m: {
         **m, "config": {**m["config"], "init": "magic"}}), fs(method="linear,pvp", pvp_init="{tmp}/x.safetensors"), 1,
          ("x.safetensors", "config", "is refused")),
+    Case("module-tensor-of-another-dtype", lambda w: module_with(w, "x.safetensors", tensors=lambda t: {
+        "prompts": t["prompts"].int()}), fs(method="linear,pvp", pvp_init="{tmp}/x.safetensors"), 1,
+         ("x.safetensors", "prompts holds torch.int32, not torch.float32")),
+    Case("module-of-a-method-without-one", lambda w: module_with(w, "x.safetensors", lambda m: {
+        **m, "method": "linear", "config": {}}, tensors=lambda t: {}), fs(method="pvp", pvp_init="{tmp}/x.safetensors"),
+         1, ("x.safetensors", "linear is not a module beside a frozen backbone")),
+    Case("pvp-batch-past-memory", None, fs(method="pvp", pvp_init="{pvp}", batch="100000000"), 1,
+         ("--batch 100000000", "one training step of pvp", "lower --batch")),
+    Case("prompts-past-int64", None, fs(method="vpt", prompts="99999999999999999999999999"), 1,
+         ("--method vpt", "Overflow", "change the option")),
+    Case("rank-past-world-size", None, fs(), 1, ("RANK=2 with WORLD_SIZE=2", "0 to WORLD_SIZE - 1"), env=dict(
+        LOCAL_RANK="0", RANK="2", WORLD_SIZE="2", MASTER_ADDR="localhost", MASTER_PORT="29500")),
     Case("prompts-past-memory", None, fs(method="linear,vpt", prompts="1000000000"), 1,
          ("--method vpt", "trainable parameters need at least", "GB to train, more than the", "--prompts")),
     Case("batch-past-memory", None, fs(method="linear,lora", batch="100000000"), 1,

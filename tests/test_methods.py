@@ -257,6 +257,9 @@ def test_lora_wrapping_renames_the_backbone_keys_and_refuses_twice():
     for bad in (dict(targets=("q", "o")), dict(targets=()), dict(targets=("q", "q")), dict(rank=0)):
         with pytest.raises(ValueError, match="targets"):
             lora.LoRA(backbone(), num_classes=2, **bad)
+    for bad in (dict(alpha=True), dict(alpha=0), dict(alpha=float("inf")), dict(dropout=1.0), dict(dropout=-0.1)):
+        with pytest.raises(ValueError, match="positive, finite alpha and a dropout in"):
+            lora.LoRA(backbone(), num_classes=2, **bad)
 
 
 # -----------------------------------------------------------------------------
