@@ -75,10 +75,11 @@ import vpt  # noqa: E402
 SIZES = {  # the real case (ViT-B/16 at 224 px) and --tiny (vit_synthetic, seconds on a CPU)
     "full": dict(arch="vit_base_patch16", parity_batch=8, agree_batch=64, train_batch=32, shots=2, eval_images=64,
                  steps=3, speed_batch=128, seconds=2.0, compile_backend="inductor", classes=8, per_class=40,
-                 jpeg=(500, 375), loader_batch=64, max_steps=5, pretrain_batch=64, methods=("linear", "vpt", "pvp")),
+                 jpeg=(500, 375), loader_batch=64, max_steps=5, pretrain_batch=64, methods=("linear", "vpt", "pvp"),
+                 seeds=(0, 1)),
     "tiny": dict(arch="vit_synthetic", parity_batch=4, agree_batch=4, train_batch=4, shots=1, eval_images=16,
                  steps=2, speed_batch=4, seconds=0.2, compile_backend="eager", classes=2, per_class=8,
-                 jpeg=(64, 48), loader_batch=8, max_steps=2, pretrain_batch=64, methods=("vpt", "pvp")),
+                 jpeg=(64, 48), loader_batch=8, max_steps=2, pretrain_batch=64, methods=("vpt", "pvp"), seeds=(0,)),
 }
 FP32_TOL = 1e-4  # device against CPU, fp32 with TF32 off: |a - b| <= tol + tol * |b|
 BF16_AGREE, BF16_REL = 0.9, 0.05  # bf16 autocast vs fp32: top-1 agreement at least; max |diff| / max |logit| at most
@@ -742,7 +743,7 @@ def check_torchrun(ctx):
     dev = "cuda" if ctx.cuda else str(ctx.device)
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
     common = ["--weights", ctx.backbone_file(), "--arch", ctx.arch, "--device", dev] + ["--amp"] * ctx.cuda
-    sweep, methods, seeds = ctx.work / "torchrun_sweep", ctx.size["methods"], [0, 1]
+    sweep, methods, seeds = ctx.work / "torchrun_sweep", ctx.size["methods"], ctx.size["seeds"]
 
     def sweep_ok(text):
         got = results(sweep)

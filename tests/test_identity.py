@@ -17,7 +17,7 @@ import fewshot
 import plumbing
 import pvp_pretrain
 import vit
-from fixtures import save_backbone
+from fixtures import WAITING, first_then_second, save_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -135,18 +135,19 @@ def test_pretrain_resume_refuses_another_recipe_and_says_when_it_starts_fresh(wo
 def spawn_pretrain(world, out, *extra):
     argv = ["--weights", str(world / "bb.safetensors"), "--arch", "vit_synthetic", "--per-class", "4", "--epochs", "2",
             "--device", "cpu", "--out", str(out), *extra]
-    return subprocess.Popen([sys.executable, str(ROOT / "pvp_pretrain.py"), *argv], cwd=ROOT, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen([sys.executable, str(ROOT / "pvp_pretrain.py"), *argv], cwd=ROOT, text=True,
+                            env={**ENV, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def test_two_pretrainings_of_one_out_take_turns_and_the_second_reuses(world, tmp_path):
+    """Started at once, the first takes the lock and the second waits for it (first_then_second), however small
+    the pre-training."""
     out = tmp_path / "m.safetensors"
-    first = spawn_pretrain(world, out, "--per-class", "16")  # long enough for the second to find it building
-    deadline = time.time() + 120
-    while not Path(str(out) + ".lock").exists() and first.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    second = spawn_pretrain(world, out, "--per-class", "16")
+    first, second, said = first_then_second(str(out) + ".lock", lambda i: spawn_pretrain(
+        world, out, "--per-class", "1", "--epochs", "1"))
     (o1, e1), (o2, e2) = first.communicate(timeout=300), second.communicate(timeout=300)
+    o1, o2 = said[0] + o1, said[1] + o2
+    assert WAITING in o2, o2[-2000:] + e2[-2000:]
     assert first.returncode == second.returncode == 0, e1[-2000:] + e2[-2000:]
     assert o1.count("wrote ") + o2.count("wrote ") == 1 and "reusing it" in o1 + o2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no temporary or lock file left
@@ -156,7 +157,7 @@ def test_two_sweeps_on_a_fresh_checkout_build_the_embedded_pieces_once(world, tm
     code = (f"import sys, fewshot, plumbing; from pathlib import Path\n"
             f"plumbing.CHECKPOINTS = Path({str(tmp_path / 'checkpoints')!r})\n"
             f"plumbing.SHIPPED_BACKBONE = Path({str(world / 'bb.safetensors')!r})\n"
-            f"plumbing.EMBEDDED_BUILD = ['--per-class', '2', '--epochs', '1', '--device', 'cpu']\n"
+            f"plumbing.EMBEDDED_BUILD = ['--per-class', '1', '--epochs', '1', '--device', 'cpu']\n"
             f"sys.exit(fewshot.main(['--method', 'pvp', '--data', 'synthetic:shape', '--shots', '1', '--seeds', '0', "
             f"'--max-steps', '2', '--out', sys.argv[1]]))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"out{i}")], cwd=ROOT, env=ENV, text=True,
@@ -173,8 +174,9 @@ def test_an_interrupted_embedded_build_resumes_on_the_next_run(world, tmp_path, 
     path = tmp_path / "checkpoints" / "pvp_vpt_vit_synthetic.safetensors"
     monkeypatch.setattr(plumbing, "CHECKPOINTS", tmp_path / "checkpoints")
     monkeypatch.setattr(plumbing, "SHIPPED_BACKBONE", world / "bb.safetensors")
-    monkeypatch.setattr(plumbing, "EMBEDDED_BUILD", ["--per-class", "4", "--epochs", "3", "--device", "cpu"])
-    proc = spawn_pretrain(world, path, "--epochs", "3")  # the build fewshot would start, then killed after epoch 1
+    monkeypatch.setattr(plumbing, "EMBEDDED_BUILD", ["--per-class", "1", "--epochs", "3", "--device", "cpu"])
+    # the build fewshot would start, then killed after epoch 1
+    proc = spawn_pretrain(world, path, "--per-class", "1", "--epochs", "3")
     resume, deadline = Path(str(path) + ".resume"), time.time() + 120
     while not resume.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import save_backbone
+from fixtures import WAITING, first_then_second, save_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,17 +111,18 @@ def test_torchs_writer_on_a_full_disk_ends_in_one_line(tmp_path, monkeypatch):
 
 
 def test_two_pretrainings_with_other_recipes_on_one_out_never_both_write(bb, tmp_path):
+    """Started at once, the first takes the lock and the second waits for it (first_then_second), however small
+    the first's pre-training."""
     out = tmp_path / "m.safetensors"
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HOME": str(tmp_path),
+           "PYTHONUNBUFFERED": "1"}
     argv = lambda n: [sys.executable, str(ROOT / "pvp_pretrain.py"), "--weights", str(bb), "--arch",  # noqa: E731
                       "vit_synthetic", "--per-class", n, "--epochs", "1", "--out", str(out)]
-    first = subprocess.Popen(argv("48"), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-    while not Path(str(out) + ".lock").exists() and first.poll() is None:
-        pass
-    second = subprocess.Popen(argv("8"), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+    first, second, said = first_then_second(str(out) + ".lock", lambda i: subprocess.Popen(
+        argv(["1", "8"][i]), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     (o1, e1), (o2, e2) = first.communicate(timeout=300), second.communicate(timeout=300)
+    o1, o2 = said[0] + o1, said[1] + o2
+    assert WAITING in o2, o2[-2000:] + e2[-2000:]
     assert first.returncode == 0 and "wrote " in o1, e1[-2000:]
     assert second.returncode == 1 and "wrote " not in o2 and "another recipe" in e2 and "Traceback" not in e2, e2
 

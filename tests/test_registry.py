@@ -5,8 +5,6 @@ method file written the way the README says runs through fewshot.py and pvp_pret
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ import fewshot
 import plumbing
 import pvp_pretrain
 import vit
-from fixtures import randomize, save_backbone
+from fixtures import randomize, run_copy, save_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(img_size=32, patch_size=8, dim=32, depth=2, heads=4)
@@ -211,8 +209,7 @@ def test_a_new_method_file_plus_one_entry_runs_in_both_scripts(world, tmp_path):
     assert n_import == n_entry == 1, "the README's two lines no longer fit fewshot.py"
     (repo / "fewshot.py").write_text(source)
     env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo), "HOME": str(tmp_path)}
-    run = lambda script, *a: subprocess.run([sys.executable, script, *micro(world, *a)], cwd=repo, env=env,
-                                            capture_output=True, text=True, timeout=300)
+    run = lambda script, *a: run_copy(repo, script, *micro(world, *a), env=env)  # noqa: E731 (repo's own modules)
     sweep = ("--data", "synthetic:shape", "--shots", "1", "--seeds", "0", "--max-steps", "2")
     r = run("fewshot.py", "--method", "adapter,pvp", "--opt", "bottleneck=4", *sweep, "--pvp-init",
             str(repo / "a.safetensors"), "--out", str(tmp_path / "refused"))

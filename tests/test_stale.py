@@ -4,15 +4,13 @@ with that reason, and option values that mean the same are one run."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import fewshot
 import plumbing
-from fixtures import save_backbone
+from fixtures import run_copy, save_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,8 +37,7 @@ def test_an_edited_method_file_runs_again_and_says_why_a_comment_does_not(bb, tm
         shutil.copy(f, repo / f.name)
     env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo), "HOME": str(tmp_path),
            "TQDM_DISABLE": "1"}
-    run = lambda: subprocess.run([sys.executable, "fewshot.py", *argv(bb, tmp_path / "out")], cwd=repo, env=env,  # noqa
-                                 capture_output=True, text=True, timeout=300)
+    run = lambda: run_copy(repo, "fewshot.py", *argv(bb, tmp_path / "out"), env=env)  # noqa: E731 (repo's own modules)
     first = run()
     assert first.returncode == 0 and len(lines(tmp_path / "out")) == 1, first.stderr[-2000:]
     vpt = (repo / "vpt.py").read_text()
