@@ -12,6 +12,10 @@ torch.set_num_threads(1)  # tiny models: one thread is faster, and safe when oth
 # those marked @pytest.mark.slow: the ones that took longest in a full run on this project's 2-core machine, kept so
 # that every test file keeps tests of its own in the lane. The full suite (what CI runs) runs them all.
 SLOW = {
+    "tests/test_owned.py::test_two_pretrainings_with_other_recipes_on_one_out_never_both_write",
+    "tests/test_owned.py::test_tqdm_disable_is_obeyed_by_every_bar",
+    "tests/test_faults.py::test_fault[shard-twice-beside-a-sweep]",
+    "tests/test_identity.py::test_pretrain_resume_refuses_another_recipe_and_says_when_it_starts_fresh",
     "tests/test_torchrun_setup.py::test_ranks_that_cannot_meet_end_with_one_line_within_the_timeout",
     "tests/test_gpu_check.py::test_a_failing_check_is_reported_failed_and_the_others_are_kept",
     "tests/test_gpu_check.py::test_the_table_lists_every_check_and_is_printed",
