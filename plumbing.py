@@ -8,6 +8,7 @@ in what it must know (the registry of methods, the recipes, their Config class) 
 """
 import argparse
 import ast
+import copy
 import functools
 import dataclasses
 import datetime
@@ -313,8 +314,7 @@ def setup_seconds():
 
 
 class quiet_stderr:
-    """Standard error (the file descriptor, so C++ logging too) goes nowhere inside the block; `as` gives a copy of
-    the real one."""
+    """Standard error's file descriptor (so C++ logs too) goes nowhere in the block; `as`: a copy of the real one."""
     def __enter__(self):
         sys.stderr.flush()
         self.saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
@@ -511,8 +511,9 @@ def read_module(path, backbone, registry, sizes=None):
     try:  # its tensors are the module its header describes: tried on a weightless copy of the backbone
         frozen = list((skeleton := ghost(backbone)).parameters())
         model = registry[meta["method"]](skeleton, num_classes=2, **meta["config"])
-        problems = misfits(model, tensors, False) if _own(model, False) and not any(
-            p.requires_grad for p in frozen) else [f"{meta['method']} is not a module beside a frozen backbone"]
+        why = not_beside_frozen(model, frozen)
+        problems = [f"{meta['method']} {why}, not a module beside a frozen backbone"] if why else misfits(
+            model, tensors, False)
     except (TypeError, ValueError, RuntimeError) as e:
         problems = [f"its {meta['method']} config {meta['config']} is refused ({vitlib.error_line(e)})"]
     if problems:
@@ -525,9 +526,16 @@ def read_module(path, backbone, registry, sizes=None):
     return meta, tensors
 
 
+def not_beside_frozen(model, backbone_params):
+    """Why `model` is no module beside a frozen backbone ("trains the backbone", "has only a head"), or None."""
+    if any(p.requires_grad for p in backbone_params):
+        return "trains the backbone"
+    if not any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("head.")):
+        return "has only a head"
+
+
 def ghost(model):
     """A copy of `model` on the 'meta' device: every shape, no memory and no values (to try a build on)."""
-    import copy
     memo = {id(t): nn.Parameter(torch.empty_like(t, device="meta"), t.requires_grad) if isinstance(t, nn.Parameter)
             else torch.empty_like(t, device="meta") for t in (*model.parameters(), *model.buffers())}
     return copy.deepcopy(model, memo)
@@ -741,7 +749,6 @@ def check_out_folder(out):
 def check_options(cfg, methods, arch, registry, named, method_options):
     """Method options: each given one taken by some chosen method, each value one its constructor accepts (tried on
     a weightless 'meta' copy of the backbone), and none that contradicts a pvp module's own."""
-    import copy
     given = given_options(cfg, named)
     builders = [m for m in methods if m != "pvp"]
     takers = {k: [m for m in builders if k in options_of(registry[m])] for k in given}

@@ -223,10 +223,8 @@ def config_of(args, check_module=False):
         named = next((f"--{f.replace('_', '-')}" for f, (o, _) in fewshot.FLAGS.items() if o == k), None)
         need(named, f"--opt {k}: --method {args.method} does not take it; it takes {', '.join(takes) or 'no options'}")
         print(f"warning: {named} is ignored: --method {args.method} does not take {k}", file=sys.stderr)
-    own = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
-    need(not check_module or (own and not any(p.requires_grad for p in frozen)), f"--method {args.method}: PVP "
-         f"pre-trains a module beside a frozen backbone, and {args.method} " +
-         ("trains the backbone" if own else "has only a head"))
+    why = check_module and plumbing.not_beside_frozen(model, frozen)
+    need(not why, f"--method {args.method}: PVP pre-trains a module beside a frozen backbone, and {args.method} {why}")
     if check_module:  # under torchrun each rank's step holds its share of --batch
         plumbing.check_size(args.method, model, max(1, args.batch // int(os.environ.get("WORLD_SIZE", "1"))),
                             args.img_size or skeleton.img_size, args.device, args.amp)

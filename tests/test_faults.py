@@ -840,7 +840,7 @@ CASES = [
          ("x.safetensors", "prompts holds torch.int32, not torch.float32")),
     Case("module-of-a-method-without-one", lambda w: module_with(w, "x.safetensors", lambda m: {
         **m, "method": "linear", "config": {}}, tensors=lambda t: {}), fs(method="pvp", pvp_init="{tmp}/x.safetensors"),
-         1, ("x.safetensors", "linear is not a module beside a frozen backbone")),
+         1, ("x.safetensors", "linear has only a head, not a module beside a frozen backbone")),
     Case("pvp-batch-past-memory", None, fs(method="pvp", pvp_init="{pvp}", batch="100000000"), 1,
          ("--batch 100000000", "one training step of pvp", "lower --batch")),
     Case("prompts-past-int64", None, fs(method="vpt", prompts="99999999999999999999999999"), 1,
