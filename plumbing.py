@@ -748,7 +748,7 @@ def check_out_folder(out):
 
 def check_options(cfg, methods, arch, registry, named, method_options):
     """Method options: each given one taken by some chosen method, each value one its constructor accepts (tried on
-    a weightless 'meta' copy of the backbone), and none that contradicts a pvp module's own."""
+    a weightless 'meta' copy of the backbone, then its sizes: check_size), and none that contradicts a pvp module's."""
     given = given_options(cfg, named)
     builders = [m for m in methods if m != "pvp"]
     takers = {k: [m for m in builders if k in options_of(registry[m])] for k in given}
